@@ -1,0 +1,206 @@
+//! The response body sent to the client, and the timers that guard it once the
+//! response head has left.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::BodyError;
+use crate::access_log::Exchange;
+use crate::upstream::PooledConnection;
+
+/// What the client receives: a short generated body or the upstream's stream. It
+/// carries the exchange's log record, written when the body is done or dropped.
+pub struct ResponseBody {
+    kind: Kind,
+    exchange: Option<Box<Exchange>>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamStream>),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+        let bytes = bytes.into();
+        ResponseBody {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            exchange: None,
+        }
+    }
+
+    pub fn upstream(stream: UpstreamStream) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream(Box::new(stream)),
+            exchange: None,
+        }
+    }
+
+    /// Attaches the log record; it is written when this body is dropped.
+    pub fn logged(mut self, exchange: Box<Exchange>) -> ResponseBody {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    fn record_abort(&mut self, error: &BodyError) {
+        if let Some(ex) = self.exchange.as_deref_mut() {
+            tracing::warn!(
+                route = %ex.route,
+                request_id = ?ex.request_id,
+                sent_bytes = ex.bytes_sent,
+                after = ?ex.started.elapsed(),
+                "response aborted after its head was sent: {error}"
+            );
+            ex.abort(error.to_string());
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(stream) => stream.poll_data(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(ex), Some(data)) = (this.exchange.as_deref_mut(), frame.data_ref()) {
+                    ex.bytes_sent += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => this.record_abort(e),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(stream) => stream.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(stream) => stream.inner.size_hint(),
+        }
+    }
+}
+
+/// The upstream's response body with the route's idle and total timers.
+///
+/// The idle timer runs only while we wait for the upstream: time spent waiting for a
+/// slow client to take the bytes is the client connection's concern (its write stall
+/// guard), not upstream silence.
+pub struct UpstreamStream {
+    inner: Incoming,
+    /// Returned to the pool at the end of the body; aborted if the body is dropped early.
+    connection: Option<PooledConnection>,
+    idle: Option<Duration>,
+    idle_timer: Option<Pin<Box<Sleep>>>,
+    idle_armed: bool,
+    total: Option<(Duration, Pin<Box<Sleep>>)>,
+}
+
+impl UpstreamStream {
+    /// `total` is the route's total limit with the instant the exchange began.
+    pub fn new(
+        inner: Incoming,
+        connection: PooledConnection,
+        idle: Option<Duration>,
+        total: Option<(Duration, Instant)>,
+    ) -> UpstreamStream {
+        let mut stream = UpstreamStream {
+            inner,
+            connection: Some(connection),
+            idle,
+            idle_timer: None,
+            idle_armed: false,
+            total: total
+                .map(|(limit, began)| (limit, Box::pin(tokio::time::sleep_until(began + limit)))),
+        };
+        if stream.inner.is_end_stream() {
+            stream.release_connection();
+        }
+        stream
+    }
+
+    fn release_connection(&mut self) {
+        if let Some(conn) = self.connection.take() {
+            conn.release();
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some((limit, timer)) = &mut self.total {
+            if timer.as_mut().poll(cx).is_ready() {
+                let limit = *limit;
+                return self.fail(BodyError::TotalElapsed(limit));
+            }
+        }
+        loop {
+            return match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        self.idle_armed = false;
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    // Upstream trailers are dropped: clients of an HTTP/1.1 proxy did not ask for them.
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => self.fail(BodyError::UpstreamAborted(e)),
+                Poll::Ready(None) => {
+                    self.release_connection();
+                    Poll::Ready(None)
+                }
+                Poll::Pending => self.poll_idle(cx),
+            };
+        }
+    }
+
+    /// Called while the upstream has nothing for us: runs the idle timer.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(idle) = self.idle else {
+            return Poll::Pending;
+        };
+        if !self.idle_armed {
+            let deadline = Instant::now() + idle;
+            match &mut self.idle_timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.idle_armed = true;
+        }
+        let Some(timer) = self.idle_timer.as_mut() else {
+            return Poll::Pending;
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => self.fail(BodyError::UpstreamIdle(idle)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        // Dropping the connection aborts it: a half-read response is never reused.
+        self.connection = None;
+        self.total = None;
+        self.idle = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}

@@ -1,0 +1,640 @@
+//! Loading and validating the TOML configuration.
+//!
+//! `raw` mirrors the file; this module turns it into [`Config`], whose values are all
+//! checked and resolved (defaults applied, upstream names turned into indexes, regexes
+//! compiled). Every error names the file, the line and column, and what to change.
+
+mod raw;
+pub mod units;
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use regex::Regex;
+use toml::Spanned;
+
+use raw::{RawConfig, RawMatch, RawRoute, RawTimeouts, RawUpstream};
+pub use units::{Size, Timer};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Where it was read from, for messages.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// What a request gets when no route matches, and what routes inherit.
+    pub defaults: RouteSettings,
+    /// In match order: the first route whose matchers all match wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// How long a client may take to send a complete request head (slowloris guard);
+    /// also how long an idle keep-alive connection is kept.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// The `X-Forwarded-Server` value.
+    pub name: String,
+    /// How many body bytes are read at most to find a GraphQL `operationName`.
+    pub graphql_peek_limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// Apache's `combined`, what goaccess and fail2ban read.
+    Combined,
+    /// One JSON object per line, with route, timings and request id.
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub access: AccessLogTarget,
+    pub format: AccessLogFormat,
+    /// The diagnostic log's level filter (`RUST_LOG` wins when set).
+    pub level: String,
+}
+
+/// Where an upstream listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddress {
+    /// `host:port`; resolved at connect time so a name may point elsewhere later.
+    Tcp {
+        authority: String,
+    },
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for UpstreamAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddress::Tcp { authority } => f.write_str(authority),
+            UpstreamAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub address: UpstreamAddress,
+    /// Forward the client's `Host` instead of the upstream's address (Apache `ProxyPreserveHost`).
+    pub preserve_host: bool,
+    /// An idle pooled connection is dropped after this; keep it below the upstream's own
+    /// keep-alive so we never reuse a connection the upstream is closing.
+    pub keepalive_timeout: Duration,
+    pub max_idle_connections: usize,
+}
+
+/// The four upstream timers of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Timer,
+    pub response_header: Timer,
+    pub idle: Timer,
+    pub total: Timer,
+}
+
+impl Timeouts {
+    fn overridden_by(self, raw: &RawTimeouts) -> Timeouts {
+        Timeouts {
+            connect: raw.connect.unwrap_or(self.connect),
+            response_header: raw.response_header.unwrap_or(self.response_header),
+            idle: raw.idle.unwrap_or(self.idle),
+            total: raw.total.unwrap_or(self.total),
+        }
+    }
+}
+
+/// What a route decides for the requests it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSettings {
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub timeouts: Timeouts,
+    pub max_request_body: Size,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub matcher: MatchConfig,
+    pub settings: RouteSettings,
+}
+
+/// A route's matchers; absent ones match everything.
+#[derive(Debug, Clone, Default)]
+pub struct MatchConfig {
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<Regex>,
+    pub methods: Option<Vec<Method>>,
+    pub graphql_operations: Option<Vec<String>>,
+}
+
+pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
+    connect: Timer(Some(Duration::from_secs(5))),
+    response_header: Timer(Some(Duration::from_secs(60))),
+    idle: Timer(Some(Duration::from_secs(60))),
+    total: Timer(None),
+};
+const DEFAULT_LISTEN: &str = "127.0.0.1:8088";
+const DEFAULT_UPSTREAM: (&str, &str) = ("geonature", "127.0.0.1:8080");
+const DEFAULT_MAX_REQUEST_BODY: u64 = 1 << 30;
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let located = Locator { text, path };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            located.error(e.span().unwrap_or(0..0), e.message().trim_end().to_string())
+        })?;
+        Validator { at: located }.config(raw, path)
+    }
+}
+
+/// Turns byte spans into `file:line:column` errors.
+struct Locator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: Range<usize>, message: String) -> ConfigError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError::Invalid {
+            path: self.path.display().to_string(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+struct Validator<'a> {
+    at: Locator<'a>,
+}
+
+impl Validator<'_> {
+    fn config(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let upstreams = self.upstreams(&raw)?;
+        let default_upstream = match &raw.defaults.upstream {
+            Some(name) => self.upstream_index(&upstreams, name)?,
+            None if upstreams.len() == 1 => 0,
+            None => {
+                return Err(self.at.error(
+                    0..0,
+                    "several upstreams are defined: say which one serves unmatched requests with `[defaults] upstream = \"...\"`".into(),
+                ))
+            }
+        };
+        let defaults = RouteSettings {
+            upstream: default_upstream,
+            timeouts: DEFAULT_TIMEOUTS.overridden_by(&raw.defaults.timeouts),
+            max_request_body: raw
+                .defaults
+                .max_request_body
+                .unwrap_or(Size(Some(DEFAULT_MAX_REQUEST_BODY))),
+        };
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for route in &raw.routes {
+            let route = self.route(route, &defaults, &upstreams)?;
+            if routes.iter().any(|r: &RouteConfig| r.name == route.name) {
+                return Err(self.at.error(
+                    0..0,
+                    format!(
+                        "two routes are named `{}`: names must be unique",
+                        route.name
+                    ),
+                ));
+            }
+            routes.push(route);
+        }
+        Ok(Config {
+            source: path.to_path_buf(),
+            server: self.server(&raw)?,
+            log: self.log(&raw)?,
+            upstreams,
+            defaults,
+            routes,
+        })
+    }
+
+    fn server(&self, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
+        let s = &raw.server;
+        let listen = match &s.listen {
+            None => vec![parse_listen(DEFAULT_LISTEN).expect("the default listen address parses")],
+            Some(list) if list.get_ref().is_empty() => {
+                return Err(self
+                    .at
+                    .error(list.span(), "`listen` needs at least one address".into()))
+            }
+            Some(list) => list
+                .get_ref()
+                .iter()
+                .map(|a| parse_listen(a))
+                .collect::<Result<_, _>>()
+                .map_err(|m| self.at.error(list.span(), m))?,
+        };
+        let peek_limit = match &s.graphql_peek_limit {
+            None => 64 * 1024,
+            Some(size) => match size.get_ref().0 {
+                Some(n) if (64..=16 << 20).contains(&n) => n as usize,
+                _ => {
+                    return Err(self.at.error(
+                        size.span(),
+                        "`graphql_peek_limit` must be between 64B and 16MiB".into(),
+                    ))
+                }
+            },
+        };
+        Ok(ServerConfig {
+            listen,
+            header_read_timeout: s
+                .header_read_timeout
+                .map_or(Duration::from_secs(20), |d| d.0),
+            shutdown_grace: s.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
+            name: s.name.clone().unwrap_or_else(host_name),
+            graphql_peek_limit: peek_limit,
+        })
+    }
+
+    fn log(&self, raw: &RawConfig) -> Result<LogConfig, ConfigError> {
+        let access = match raw.log.access.as_deref() {
+            None | Some("stdout") => AccessLogTarget::Stdout,
+            Some("off") => AccessLogTarget::Off,
+            Some(path) => AccessLogTarget::File(PathBuf::from(path)),
+        };
+        let format = match &raw.log.format {
+            None => AccessLogFormat::Combined,
+            Some(f) => match f.get_ref().as_str() {
+                "combined" => AccessLogFormat::Combined,
+                "json" => AccessLogFormat::Json,
+                other => {
+                    return Err(self.at.error(
+                        f.span(),
+                        format!("unknown log format `{other}`: use \"combined\" or \"json\""),
+                    ))
+                }
+            },
+        };
+        let level = match &raw.log.level {
+            None => "info".to_string(),
+            Some(l) => {
+                let level = l.get_ref().to_ascii_lowercase();
+                if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                    return Err(self.at.error(
+                        l.span(),
+                        format!(
+                            "unknown log level `{level}`: use error, warn, info, debug or trace"
+                        ),
+                    ));
+                }
+                level
+            }
+        };
+        Ok(LogConfig {
+            access,
+            format,
+            level,
+        })
+    }
+
+    fn upstreams(&self, raw: &RawConfig) -> Result<Vec<UpstreamConfig>, ConfigError> {
+        if raw.upstreams.is_empty() {
+            let (name, address) = DEFAULT_UPSTREAM;
+            return Ok(vec![UpstreamConfig {
+                name: name.into(),
+                address: UpstreamAddress::Tcp {
+                    authority: address.into(),
+                },
+                preserve_host: false,
+                keepalive_timeout: Duration::from_secs(1),
+                max_idle_connections: 32,
+            }]);
+        }
+        raw.upstreams
+            .iter()
+            .map(|(name, up)| self.upstream(name, up))
+            .collect()
+    }
+
+    fn upstream(
+        &self,
+        name: &str,
+        up: &Spanned<RawUpstream>,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let raw = up.get_ref();
+        let address = parse_upstream_address(raw.address.get_ref())
+            .map_err(|m| self.at.error(raw.address.span(), m))?;
+        Ok(UpstreamConfig {
+            name: name.to_string(),
+            address,
+            preserve_host: raw.preserve_host,
+            // Gunicorn's own --keep-alive defaults to 2 s: stay under it.
+            keepalive_timeout: raw
+                .keepalive_timeout
+                .map_or(Duration::from_secs(1), |d| d.0),
+            max_idle_connections: raw.max_idle_connections.unwrap_or(32),
+        })
+    }
+
+    fn upstream_index(
+        &self,
+        upstreams: &[UpstreamConfig],
+        name: &Spanned<String>,
+    ) -> Result<usize, ConfigError> {
+        upstreams
+            .iter()
+            .position(|u| &u.name == name.get_ref())
+            .ok_or_else(|| {
+                let known: Vec<_> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                self.at.error(
+                    name.span(),
+                    format!(
+                        "unknown upstream `{}`; defined upstreams: {}",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    fn route(
+        &self,
+        route: &Spanned<RawRoute>,
+        defaults: &RouteSettings,
+        upstreams: &[UpstreamConfig],
+    ) -> Result<RouteConfig, ConfigError> {
+        let raw = route.get_ref();
+        let name = raw.name.get_ref().trim();
+        if name.is_empty() {
+            return Err(self
+                .at
+                .error(raw.name.span(), "a route name cannot be empty".into()));
+        }
+        let upstream = match &raw.upstream {
+            Some(n) => self.upstream_index(upstreams, n)?,
+            None => defaults.upstream,
+        };
+        Ok(RouteConfig {
+            name: name.to_string(),
+            matcher: self.matcher(&raw.matcher)?,
+            settings: RouteSettings {
+                upstream,
+                timeouts: defaults.timeouts.overridden_by(&raw.timeouts),
+                max_request_body: raw.max_request_body.unwrap_or(defaults.max_request_body),
+            },
+        })
+    }
+
+    fn matcher(&self, raw: &Spanned<RawMatch>) -> Result<MatchConfig, ConfigError> {
+        let m = raw.get_ref();
+        let path = |p: &Option<Spanned<String>>, key: &str| match p {
+            Some(p) if !p.get_ref().starts_with('/') => Err(self
+                .at
+                .error(p.span(), format!("`{key}` must start with `/`"))),
+            other => Ok(other.as_ref().map(|p| p.get_ref().clone())),
+        };
+        let path_regex = match &m.path_regex {
+            None => None,
+            Some(r) => Some(Regex::new(r.get_ref()).map_err(|e| {
+                self.at
+                    .error(r.span(), format!("invalid `path_regex`: {e}"))
+            })?),
+        };
+        let methods = match &m.methods {
+            None => None,
+            Some(list) => Some(
+                list.get_ref()
+                    .iter()
+                    .map(|name| parse_method(name))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|msg| self.at.error(list.span(), msg))?,
+            ),
+        };
+        let graphql_operations = match &m.graphql_operations {
+            None => None,
+            Some(ops) if ops.get_ref().is_empty() => {
+                return Err(self
+                    .at
+                    .error(ops.span(), "`graphql_operations` is empty".into()))
+            }
+            Some(ops) => Some(ops.get_ref().clone()),
+        };
+        let matcher = MatchConfig {
+            path: path(&m.path, "path")?,
+            path_prefix: path(&m.path_prefix, "path_prefix")?,
+            path_regex,
+            methods,
+            graphql_operations,
+        };
+        if matcher.path.is_none()
+            && matcher.path_prefix.is_none()
+            && matcher.path_regex.is_none()
+            && matcher.methods.is_none()
+            && matcher.graphql_operations.is_none()
+        {
+            return Err(self.at.error(
+                raw.span(),
+                "`match` is empty: name at least one of path, path_prefix, path_regex, methods, graphql_operations".into(),
+            ));
+        }
+        Ok(matcher)
+    }
+}
+
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("invalid listen address `{text}`: write it as IP:port, like \"127.0.0.1:8088\" or \"[::]:80\"")
+    })
+}
+
+fn parse_method(name: &str) -> Result<Method, String> {
+    let upper = name.to_ascii_uppercase();
+    Method::from_bytes(upper.as_bytes()).map_err(|_| format!("invalid HTTP method `{name}`"))
+}
+
+fn parse_upstream_address(text: &str) -> Result<UpstreamAddress, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!("unix socket path in `{text}` must be absolute"));
+        }
+        return Ok(UpstreamAddress::Unix(PathBuf::from(path)));
+    }
+    if text.starts_with("https://") {
+        return Err(
+            "TLS to the upstream is not supported: Gunicorn listens in plain HTTP on loopback"
+                .into(),
+        );
+    }
+    let authority = text
+        .strip_prefix("http://")
+        .unwrap_or(text)
+        .trim_end_matches('/');
+    let valid = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+        && http::uri::Authority::try_from(authority).is_ok();
+    if !valid {
+        return Err(format!(
+            "invalid upstream address `{text}`: write host:port (\"127.0.0.1:8080\") or unix:/path/to.sock"
+        ));
+    }
+    Ok(UpstreamAddress::Tcp {
+        authority: authority.to_string(),
+    })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "quadrige-proxy".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn empty_config_gets_geonature_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8088".parse().unwrap()]);
+        assert_eq!(c.upstreams[0].address.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.defaults.timeouts, DEFAULT_TIMEOUTS);
+        assert_eq!(c.defaults.max_request_body, Size(Some(1 << 30)));
+    }
+
+    #[test]
+    fn route_timeouts_override_defaults_one_by_one() {
+        let c = parse(
+            r#"
+[defaults]
+timeouts = { connect = "2s", idle = "30s" }
+[[routes]]
+name = "long"
+match = { path_prefix = "/x/" }
+timeouts = { response_header = "30m" }
+"#,
+        )
+        .unwrap();
+        let t = c.routes[0].settings.timeouts;
+        assert_eq!(t.connect, Timer::secs(2));
+        assert_eq!(t.response_header, Timer::secs(1800));
+        assert_eq!(t.idle, Timer::secs(30));
+        assert_eq!(t.total, Timer::DISABLED);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_line() {
+        let e = error_of("[server]\nlisten = [\"127.0.0.1:1\"]\nlisten_backlog = 3\n");
+        assert!(e.starts_with("test.toml:3:1:"), "{e}");
+        assert!(e.contains("listen_backlog"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_reported_with_its_line_and_column() {
+        let e = error_of("[[routes]]\nname = \"a\"\nmatch = { path = \"/a\" }\ntimeouts = { idle = \"5 parsecs\" }\n");
+        assert!(e.starts_with("test.toml:4:21:"), "{e}");
+        assert!(e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn unknown_upstream_names_the_known_ones() {
+        let e = error_of(
+            "[upstreams.geonature]\naddress = \"127.0.0.1:8080\"\n[[routes]]\nname = \"a\"\nmatch = { path = \"/a\" }\nupstream = \"usershub\"\n",
+        );
+        assert!(e.starts_with("test.toml:6:12:"), "{e}");
+        assert!(e.contains("defined upstreams: geonature"), "{e}");
+    }
+
+    #[test]
+    fn invalid_regex_and_method_are_rejected() {
+        assert!(
+            error_of("[[routes]]\nname = \"a\"\nmatch = { path_regex = \"(\" }\n")
+                .contains("path_regex")
+        );
+        assert!(
+            error_of("[[routes]]\nname = \"a\"\nmatch = { methods = [\"G ET\"] }\n")
+                .contains("method")
+        );
+    }
+
+    #[test]
+    fn empty_match_and_duplicate_names_are_rejected() {
+        assert!(error_of("[[routes]]\nname = \"a\"\nmatch = {}\n").contains("`match` is empty"));
+        let dup = "[[routes]]\nname = \"a\"\nmatch = { path = \"/a\" }\n[[routes]]\nname = \"a\"\nmatch = { path = \"/b\" }\n";
+        assert!(error_of(dup).contains("two routes are named"));
+    }
+
+    #[test]
+    fn upstream_addresses_accept_apache_style_urls_and_unix_sockets() {
+        assert_eq!(
+            parse_upstream_address("http://127.0.0.1:8000/").unwrap(),
+            UpstreamAddress::Tcp {
+                authority: "127.0.0.1:8000".into()
+            }
+        );
+        assert_eq!(
+            parse_upstream_address("unix:/run/gn.sock").unwrap(),
+            UpstreamAddress::Unix("/run/gn.sock".into())
+        );
+        assert!(parse_upstream_address("127.0.0.1").is_err());
+        assert!(parse_upstream_address("https://x:1").is_err());
+    }
+}

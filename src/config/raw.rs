@@ -1,0 +1,96 @@
+//! The serde mirror of the TOML file, exactly as an operator writes it.
+//!
+//! Nothing here is trusted: `config::Config::from_raw` checks every cross-reference and
+//! builds the validated types. Unknown keys are rejected so a typo never silently
+//! falls back to a default.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{RequiredDuration, Size, Timer};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<Vec<String>>>,
+    pub header_read_timeout: Option<RequiredDuration>,
+    pub shutdown_grace: Option<RequiredDuration>,
+    /// Sent upstream as `X-Forwarded-Server`; the host name when absent.
+    pub name: Option<String>,
+    pub graphql_peek_limit: Option<Spanned<Size>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub access: Option<String>,
+    pub format: Option<Spanned<String>>,
+    pub level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub preserve_host: bool,
+    pub keepalive_timeout: Option<RequiredDuration>,
+    pub max_idle_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    pub max_request_body: Option<Size>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<Timer>,
+    pub response_header: Option<Timer>,
+    pub idle: Option<Timer>,
+    pub total: Option<Timer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matcher: Spanned<RawMatch>,
+    pub upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    pub max_request_body: Option<Size>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub path_regex: Option<Spanned<String>>,
+    pub methods: Option<Spanned<Vec<String>>>,
+    pub graphql_operations: Option<Spanned<Vec<String>>>,
+}

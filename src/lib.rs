@@ -1,0 +1,28 @@
+//! quadrige-proxy: a streaming HTTP reverse proxy with per-route timeouts, made to
+//! replace Apache httpd in front of GeoNature's Gunicorn.
+//!
+//! A request's journey:
+//! 1. [`server`] accepts the connection and parses the request head with hyper, under
+//!    the slowloris guard.
+//! 2. [`proxy`] runs the phases: **route** ([`route`], with the [`graphql`] peek when a
+//!    route needs the operation name) → **admit** (body limits) → **forward** (an
+//!    [`upstream`] pooled connection, under the connect, upload-idle and
+//!    response-header timers) → **respond** (headers rewritten, body streamed).
+//! 3. [`body`] streams both directions with backpressure and keeps the idle and total
+//!    timers running after the head is sent, aborting the transfer when one fires.
+//! 4. [`access_log`] writes the exchange when its response body is done.
+//!
+//! Everything per-route comes from [`config`], validated once at start-up.
+
+pub mod access_log;
+pub mod body;
+pub mod config;
+mod escape;
+pub mod graphql;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use server::{Server, ServerError};

@@ -1,0 +1,271 @@
+//! Header rewriting in both directions: hop-by-hop removal (RFC 9110 §7.6.1), the
+//! `X-Forwarded-*` family and `Host` as Apache's mod_proxy sets them, request ids, and
+//! `Location` rewriting like `ProxyPassReverse`.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_SERVER: HeaderName = HeaderName::from_static("x-forwarded-server");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+];
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether the message asks for its connection to be closed after it.
+pub fn wants_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+/// What the forwarded headers say about the client side of the exchange.
+pub struct Forwarded<'a> {
+    pub client: IpAddr,
+    pub scheme: &'static str,
+    pub server_name: &'a HeaderValue,
+    /// The upstream's own `host:port`, sent as `Host` unless the client's is preserved.
+    pub upstream_host: Option<&'a HeaderValue>,
+}
+
+/// Rewrites a client request's headers for the upstream.
+pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_id: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    // We answer `Expect: 100-continue` ourselves when we start reading the body.
+    headers.remove(header::EXPECT);
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    if let Some(upstream_host) = forwarded.upstream_host {
+        headers.insert(header::HOST, upstream_host.clone());
+    }
+    append_forwarded_for(headers, forwarded.client);
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(forwarded.scheme),
+    );
+    headers.insert(X_FORWARDED_SERVER.clone(), forwarded.server_name.clone());
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// Appends the client to `X-Forwarded-For` as Apache does (a single header, comma list).
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let mut value = String::with_capacity(64);
+    for previous in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(text) = previous.to_str() {
+            value.push_str(text.trim());
+            value.push_str(", ");
+        }
+    }
+    let _ = write!(value, "{client}");
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// Rewrites the upstream's response headers for the client.
+pub fn to_client(
+    headers: &mut HeaderMap,
+    upstream_origin: &str,
+    public_origin: Option<&str>,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(public) = public_origin {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            rewrite_self_reference(headers, &name, upstream_origin, public);
+        }
+    }
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    }
+}
+
+/// `ProxyPassReverse`: a `Location` pointing at the upstream itself points at us instead.
+fn rewrite_self_reference(
+    headers: &mut HeaderMap,
+    name: &HeaderName,
+    upstream: &str,
+    public: &str,
+) {
+    let Some(rest) = headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix(upstream))
+        .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+    else {
+        return;
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("{public}{rest}")) {
+        headers.insert(name.clone(), v);
+    }
+}
+
+/// Makes request ids: the client's when it is sane, else a new unique one.
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS: ids differ between runs and hosts.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        RequestIds {
+            prefix: hasher.finish(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Keeps an incoming `X-Request-ID` of visible ASCII up to 200 bytes.
+    pub fn for_request(&self, headers: &HeaderMap) -> HeaderValue {
+        if let Some(id) = headers.get(&X_REQUEST_ID) {
+            let bytes = id.as_bytes();
+            if !bytes.is_empty() && bytes.len() <= 200 && bytes.iter().all(|b| b.is_ascii_graphic())
+            {
+                return id.clone();
+            }
+        }
+        self.generate()
+    }
+
+    fn generate(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut text = String::with_capacity(32);
+        let _ = write!(text, "{:016x}{:016x}", self.prefix, n);
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("trailer", "x"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn forwarded_headers_follow_apache() {
+        let mut h = headers(&[("host", "geonature.fr"), ("x-forwarded-for", "10.0.0.1")]);
+        let server = HeaderValue::from_static("proxy-host");
+        let upstream = HeaderValue::from_static("127.0.0.1:8080");
+        let f = Forwarded {
+            client: "192.0.2.1".parse().unwrap(),
+            scheme: "https",
+            server_name: &server,
+            upstream_host: Some(&upstream),
+        };
+        to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
+        assert_eq!(h["host"], "127.0.0.1:8080");
+        assert_eq!(h["x-forwarded-host"], "geonature.fr");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-server"], "proxy-host");
+        assert_eq!(h["x-request-id"], "id1");
+    }
+
+    #[test]
+    fn location_pointing_at_the_upstream_is_rewritten() {
+        let mut h = headers(&[("location", "http://127.0.0.1:8080/geonature/api/x?y=1")]);
+        to_client(
+            &mut h,
+            "http://127.0.0.1:8080",
+            Some("https://gn.fr"),
+            &HeaderValue::from_static("i"),
+        );
+        assert_eq!(h["location"], "https://gn.fr/geonature/api/x?y=1");
+        let mut h = headers(&[("location", "http://127.0.0.1:80800/x")]);
+        to_client(
+            &mut h,
+            "http://127.0.0.1:8080",
+            Some("https://gn.fr"),
+            &HeaderValue::from_static("i"),
+        );
+        assert_eq!(h["location"], "http://127.0.0.1:80800/x");
+    }
+
+    #[test]
+    fn request_ids_keep_sane_client_ids_and_replace_others() {
+        let ids = RequestIds::new();
+        let kept = ids.for_request(&headers(&[("x-request-id", "abc-123")]));
+        assert_eq!(kept, "abc-123");
+        let replaced = ids.for_request(&headers(&[("x-request-id", "a b")]));
+        assert_eq!(replaced.len(), 32);
+        assert_ne!(
+            ids.for_request(&HeaderMap::new()),
+            ids.for_request(&HeaderMap::new())
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! The route table: compiled once from the configuration, then asked for every request
+//! which route it belongs to.
+//!
+//! Routes are tried in file order and the first whose matchers all match wins; a
+//! request no route matches gets the defaults. Matching looks at the raw (still
+//! percent-encoded) path, as it will be forwarded. A route that names
+//! `graphql_operations` needs the operation name, which may sit in the request body:
+//! [`RouteTable::select`] then says so, the proxy peeks at the body once and asks again.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::{Config, MatchConfig, RouteSettings, UpstreamConfig};
+
+/// One route, as the request path uses it.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name from the config, `(defaults)` for the fallback.
+    pub name: Arc<str>,
+    pub settings: RouteSettings,
+    matcher: MatchConfig,
+}
+
+impl Route {
+    fn matches_request_line(&self, method: &Method, path: &str) -> bool {
+        let m = &self.matcher;
+        m.methods.as_ref().is_none_or(|ms| ms.contains(method))
+            && m.path.as_ref().is_none_or(|p| p == path)
+            && m.path_prefix
+                .as_ref()
+                .is_none_or(|p| path.starts_with(p.as_str()))
+            && m.path_regex.as_ref().is_none_or(|r| r.is_match(path))
+    }
+
+    /// Whether this route can only be decided with the GraphQL operation name.
+    pub fn needs_operation(&self) -> bool {
+        self.matcher.graphql_operations.is_some()
+    }
+
+    fn matches_operations(&self, operations: &[String]) -> bool {
+        self.matcher
+            .graphql_operations
+            .as_ref()
+            .is_none_or(|wanted| operations.iter().any(|op| wanted.contains(op)))
+    }
+
+    /// The matchers in the words of the config, for `check` and the status page.
+    pub fn describe_match(&self) -> String {
+        let m = &self.matcher;
+        let mut parts = Vec::new();
+        if let Some(methods) = &m.methods {
+            let names: Vec<_> = methods.iter().map(Method::as_str).collect();
+            parts.push(names.join("|"));
+        }
+        if let Some(p) = &m.path {
+            parts.push(format!("path={p}"));
+        }
+        if let Some(p) = &m.path_prefix {
+            parts.push(format!("prefix={p}"));
+        }
+        if let Some(r) = &m.path_regex {
+            parts.push(format!("regex={}", r.as_str()));
+        }
+        if let Some(ops) = &m.graphql_operations {
+            parts.push(format!("graphql={}", ops.join("|")));
+        }
+        if parts.is_empty() {
+            "*".into()
+        } else {
+            parts.join(" ")
+        }
+    }
+}
+
+/// What the table says about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// This route (an index into [`RouteTable::routes`]), or the defaults when `None`.
+    Route(Option<usize>),
+    /// Route `index` matches on method and path but needs the GraphQL operation.
+    NeedsOperation(usize),
+}
+
+/// All routes in match order plus the fallback.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    fallback: Route,
+}
+
+impl RouteTable {
+    pub fn new(config: &Config) -> RouteTable {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                name: Arc::from(r.name.as_str()),
+                settings: r.settings,
+                matcher: r.matcher.clone(),
+            })
+            .collect();
+        RouteTable {
+            routes,
+            fallback: Route {
+                name: Arc::from("(defaults)"),
+                settings: config.defaults,
+                matcher: MatchConfig::default(),
+            },
+        }
+    }
+
+    /// Finds the first route from `start` on that matches. `operations` is `None` while
+    /// the GraphQL operation has not been looked for.
+    pub fn select(
+        &self,
+        start: usize,
+        method: &Method,
+        path: &str,
+        operations: Option<&[String]>,
+    ) -> Selection {
+        for (index, route) in self.routes.iter().enumerate().skip(start) {
+            if !route.matches_request_line(method, path) {
+                continue;
+            }
+            match operations {
+                None if route.needs_operation() => return Selection::NeedsOperation(index),
+                Some(ops) if !route.matches_operations(ops) => continue,
+                _ => return Selection::Route(Some(index)),
+            }
+        }
+        Selection::Route(None)
+    }
+
+    pub fn get(&self, selected: Option<usize>) -> &Route {
+        selected
+            .and_then(|i| self.routes.get(i))
+            .unwrap_or(&self.fallback)
+    }
+
+    /// Routes in match order, then the fallback.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter().chain(std::iter::once(&self.fallback))
+    }
+
+    /// The resolved table as `check` prints it.
+    pub fn render(&self, upstreams: &[UpstreamConfig]) -> String {
+        let header = [
+            "#",
+            "route",
+            "match",
+            "upstream",
+            "connect",
+            "resp-header",
+            "idle",
+            "total",
+            "max-body",
+        ];
+        let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+        for (i, route) in self.iter().enumerate() {
+            let s = &route.settings;
+            let upstream = upstreams
+                .get(s.upstream)
+                .map(|u| format!("{} ({})", u.name, u.address))
+                .unwrap_or_default();
+            let position = if i < self.routes.len() {
+                (i + 1).to_string()
+            } else {
+                "-".to_string()
+            };
+            rows.push(vec![
+                position,
+                route.name.to_string(),
+                route.describe_match(),
+                upstream,
+                s.timeouts.connect.to_string(),
+                s.timeouts.response_header.to_string(),
+                s.timeouts.idle.to_string(),
+                s.timeouts.total.to_string(),
+                s.max_request_body.to_string(),
+            ]);
+        }
+        let widths: Vec<usize> = (0..header.len())
+            .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in rows {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn table(toml: &str) -> RouteTable {
+        RouteTable::new(&Config::parse(toml, Path::new("t.toml")).unwrap())
+    }
+
+    const ROUTES: &str = r#"
+[[routes]]
+name = "extraction"
+match = { path_prefix = "/geonature/api/quadrige/", methods = ["POST"] }
+[[routes]]
+name = "graphql-long"
+match = { path = "/graphql", graphql_operations = ["executeProgramExtraction"] }
+[[routes]]
+name = "exports"
+match = { path_regex = "^/geonature/api/synthese/export_" }
+[[routes]]
+name = "graphql-any"
+match = { path = "/graphql" }
+"#;
+
+    #[test]
+    fn first_matching_route_wins_and_unmatched_get_defaults() {
+        let t = table(ROUTES);
+        let post = Method::POST;
+        assert_eq!(
+            t.select(0, &post, "/geonature/api/quadrige/data-extractions", None),
+            Selection::Route(Some(0))
+        );
+        assert_eq!(
+            t.select(0, &Method::GET, "/geonature/api/quadrige/config", None),
+            Selection::Route(None)
+        );
+        assert_eq!(
+            t.select(0, &post, "/geonature/api/synthese/export_taxons", None),
+            Selection::Route(Some(2))
+        );
+        assert_eq!(t.get(None).name.as_ref(), "(defaults)");
+    }
+
+    #[test]
+    fn graphql_routes_ask_for_the_operation_then_decide() {
+        let t = table(ROUTES);
+        let post = Method::POST;
+        assert_eq!(
+            t.select(0, &post, "/graphql", None),
+            Selection::NeedsOperation(1)
+        );
+        let long = ["executeProgramExtraction".to_string()];
+        assert_eq!(
+            t.select(1, &post, "/graphql", Some(&long)),
+            Selection::Route(Some(1))
+        );
+        let other = ["getExtraction".to_string()];
+        assert_eq!(
+            t.select(1, &post, "/graphql", Some(&other)),
+            Selection::Route(Some(3))
+        );
+        assert_eq!(
+            t.select(1, &post, "/graphql", Some(&[])),
+            Selection::Route(Some(3))
+        );
+    }
+
+    #[test]
+    fn check_renders_every_route_in_order_with_its_timers() {
+        let config = Config::parse(ROUTES, Path::new("t.toml")).unwrap();
+        let text = RouteTable::new(&config).render(&config.upstreams);
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 6);
+        assert!(lines[1].starts_with("1  extraction"));
+        assert!(lines[5].starts_with("-  (defaults)"));
+        assert!(lines[1].contains("geonature (127.0.0.1:8080)") && lines[1].contains("1m"));
+    }
+}
