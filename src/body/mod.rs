@@ -164,6 +164,14 @@ impl RequestBody {
         Ok(())
     }
 
+    /// hyper stops polling once `is_end_stream` is true, so the end is noticed when the
+    /// last frame leaves, not on a poll that never comes.
+    fn finish_if_ended(&mut self) {
+        if self.is_end_stream() {
+            self.finish();
+        }
+    }
+
     fn finish(&mut self) {
         self.inner = None;
         if let Some(p) = &self.progress {
@@ -183,6 +191,7 @@ impl Body for RequestBody {
         let this = &mut *self;
         if let Some(prefix) = this.prefix.take() {
             this.count(prefix.len())?;
+            this.finish_if_ended();
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
         loop {
@@ -193,6 +202,7 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         this.count(data.len())?;
+                        this.finish_if_ended();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     // Trailers are not forwarded: we strip `TE` and the upstream is HTTP/1.1.
