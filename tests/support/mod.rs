@@ -469,10 +469,7 @@ async fn read_chunked(stream: &mut TcpStream, mut raw: Vec<u8>) -> (Vec<u8>, boo
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         // Parse as many complete chunks as the buffer holds.
-        loop {
-            let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
             let size_text = String::from_utf8_lossy(&raw[..line_end]).to_string();
             let size =
                 usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
