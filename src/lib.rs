@@ -22,6 +22,7 @@ pub mod graphql;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod static_files;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};

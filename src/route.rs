@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{Config, MatchConfig, RouteSettings, UpstreamConfig};
+use crate::config::{Config, MatchConfig, RouteSettings, Serve, UpstreamConfig};
 
 /// One route, as the request path uses it.
 #[derive(Debug)]
@@ -19,6 +19,8 @@ pub struct Route {
     /// The route's name from the config, `(defaults)` for the fallback.
     pub name: Arc<str>,
     pub settings: RouteSettings,
+    /// Forwarded, or served from disk.
+    pub serve: Serve,
     matcher: MatchConfig,
 }
 
@@ -96,7 +98,8 @@ impl RouteTable {
             .iter()
             .map(|r| Route {
                 name: Arc::from(r.name.as_str()),
-                settings: r.settings,
+                settings: r.settings.clone(),
+                serve: r.serve.clone(),
                 matcher: r.matcher.clone(),
             })
             .collect();
@@ -104,7 +107,8 @@ impl RouteTable {
             routes,
             fallback: Route {
                 name: Arc::from("(defaults)"),
-                settings: config.defaults,
+                settings: config.defaults.clone(),
+                serve: Serve::Proxy,
                 matcher: MatchConfig::default(),
             },
         }
@@ -159,10 +163,16 @@ impl RouteTable {
         let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
         for (i, route) in self.iter().enumerate() {
             let s = &route.settings;
-            let upstream = upstreams
-                .get(s.upstream)
-                .map(|u| format!("{} ({})", u.name, u.address))
-                .unwrap_or_default();
+            let upstream = match &route.serve {
+                Serve::Static(site) => {
+                    let roots: Vec<_> = site.roots.iter().map(|r| r.display().to_string()).collect();
+                    format!("static {}", roots.join(" > "))
+                }
+                Serve::Proxy => upstreams
+                    .get(s.upstream)
+                    .map(|u| format!("{} ({})", u.name, u.address))
+                    .unwrap_or_default(),
+            };
             let position = if i < self.routes.len() {
                 (i + 1).to_string()
             } else {

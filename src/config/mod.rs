@@ -16,7 +16,9 @@ use http::Method;
 use regex::Regex;
 use toml::Spanned;
 
-use raw::{RawConfig, RawMatch, RawRoute, RawTimeouts, RawUpstream};
+use std::sync::Arc;
+
+use raw::{RawCompress, RawConfig, RawMatch, RawRoute, RawStatic, RawTimeouts, RawUpstream};
 pub use units::{Size, Timer};
 
 /// Why a configuration could not be loaded.
@@ -139,12 +141,14 @@ impl Timeouts {
 }
 
 /// What a route decides for the requests it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSettings {
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
     pub timeouts: Timeouts,
     pub max_request_body: Size,
+    /// Response compression; `None` leaves bodies as they are.
+    pub compress: Option<Arc<CompressConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +156,50 @@ pub struct RouteConfig {
     pub name: String,
     pub matcher: MatchConfig,
     pub settings: RouteSettings,
+    pub serve: Serve,
+}
+
+/// Where a route's answers come from.
+#[derive(Debug, Clone)]
+pub enum Serve {
+    /// Forwarded to the route's upstream.
+    Proxy,
+    /// Files from disk (Apache's `Alias`), never forwarded.
+    Static(Arc<StaticConfig>),
+}
+
+/// A static route: like Apache's `Alias` with `Options -Indexes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticConfig {
+    /// Searched in order: the first that holds the file wins (GeoNature's `custom/`
+    /// folder before `backend/static`).
+    pub roots: Vec<PathBuf>,
+    /// Removed from the request path before it is looked up under a root.
+    pub strip_prefix: String,
+    /// Served for a directory (`/geonature/` gives `index.html`).
+    pub index: String,
+    /// Serve `file.br` / `file.gz` siblings to clients that accept them.
+    pub precompressed: bool,
+    /// Follow symbolic links that lead outside the root.
+    pub allow_symlinks_outside: bool,
+    pub cache_control: Option<String>,
+}
+
+/// Which responses are compressed on the fly, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressConfig {
+    /// Media types (without parameters) that are compressed.
+    pub types: Vec<String>,
+    /// Bodies known to be smaller than this are sent as they are.
+    pub min_size: u64,
+    /// In order of preference when the client accepts several.
+    pub algorithms: Vec<Compression>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Brotli,
+    Gzip,
 }
 
 /// A route's matchers; absent ones match everything.
@@ -238,6 +286,7 @@ impl Validator<'_> {
                 .defaults
                 .max_request_body
                 .unwrap_or(Size(Some(DEFAULT_MAX_REQUEST_BODY))),
+            compress: self.compress(raw.defaults.compress.as_ref())?,
         };
         let mut routes = Vec::with_capacity(raw.routes.len());
         for route in &raw.routes {
@@ -420,6 +469,14 @@ impl Validator<'_> {
             Some(n) => self.upstream_index(upstreams, n)?,
             None => defaults.upstream,
         };
+        let compress = match &raw.compress {
+            Some(c) => self.compress(Some(c))?,
+            None => defaults.compress.clone(),
+        };
+        let serve = match &raw.static_files {
+            None => Serve::Proxy,
+            Some(s) => Serve::Static(Arc::new(self.static_files(s)?)),
+        };
         Ok(RouteConfig {
             name: name.to_string(),
             matcher: self.matcher(&raw.matcher)?,
@@ -427,8 +484,79 @@ impl Validator<'_> {
                 upstream,
                 timeouts: defaults.timeouts.overridden_by(&raw.timeouts),
                 max_request_body: raw.max_request_body.unwrap_or(defaults.max_request_body),
+                compress,
             },
+            serve,
         })
+    }
+
+    fn static_files(&self, raw: &Spanned<RawStatic>) -> Result<StaticConfig, ConfigError> {
+        let s = raw.get_ref();
+        let roots: Vec<PathBuf> = match (&s.root, &s.roots) {
+            (Some(root), None) => vec![self.resolve(root)],
+            (None, Some(roots)) if !roots.is_empty() => roots.iter().map(|r| self.resolve(r)).collect(),
+            _ => {
+                return Err(self.at.error(
+                    raw.span(),
+                    "a static route needs `root = \"/dir\"` or `roots = [\"/first\", \"/second\"]` (not both)".into(),
+                ))
+            }
+        };
+        let strip_prefix = s.strip_prefix.clone().unwrap_or_default();
+        if !strip_prefix.is_empty() && !strip_prefix.starts_with('/') {
+            return Err(self.at.error(raw.span(), "`strip_prefix` must start with `/`".into()));
+        }
+        let index = s.index.clone().unwrap_or_else(|| "index.html".into());
+        if index.is_empty() || index.contains('/') {
+            return Err(self.at.error(raw.span(), "`index` must be a plain file name".into()));
+        }
+        Ok(StaticConfig {
+            roots,
+            strip_prefix: strip_prefix.trim_end_matches('/').to_string(),
+            index,
+            precompressed: s.precompressed.unwrap_or(true),
+            allow_symlinks_outside: s.allow_symlinks_outside.unwrap_or(false),
+            cache_control: s.cache_control.clone(),
+        })
+    }
+
+    /// A relative path is taken from the config file's folder, not the working directory.
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        match self.at.path.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    fn compress(
+        &self,
+        raw: Option<&Spanned<RawCompress>>,
+    ) -> Result<Option<Arc<CompressConfig>>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let c: &RawCompress = raw.get_ref();
+        if c.types.is_empty() {
+            return Ok(None);
+        }
+        let algorithms = match &c.algorithms {
+            None => vec![Compression::Brotli, Compression::Gzip],
+            Some(names) => names
+                .iter()
+                .map(|n| match n.as_str() {
+                    "br" | "brotli" => Ok(Compression::Brotli),
+                    "gzip" => Ok(Compression::Gzip),
+                    other => Err(self.at.error(
+                        raw.span(),
+                        format!("unknown compression `{other}`: use \"br\" or \"gzip\""),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Some(Arc::new(CompressConfig {
+            types: c.types.iter().map(|t| t.trim().to_ascii_lowercase()).collect(),
+            min_size: c.min_size.and_then(|s| s.0).unwrap_or(1024),
+            algorithms,
+        })))
     }
 
     fn matcher(&self, raw: &Spanned<RawMatch>) -> Result<MatchConfig, ConfigError> {

@@ -62,6 +62,7 @@ pub struct RawDefaults {
     #[serde(default)]
     pub timeouts: RawTimeouts,
     pub max_request_body: Option<Size>,
+    pub compress: Option<Spanned<RawCompress>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -83,6 +84,30 @@ pub struct RawRoute {
     #[serde(default)]
     pub timeouts: RawTimeouts,
     pub max_request_body: Option<Size>,
+    pub compress: Option<Spanned<RawCompress>>,
+    /// Serve files from disk instead of forwarding.
+    #[serde(rename = "static")]
+    pub static_files: Option<Spanned<RawStatic>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStatic {
+    pub root: Option<String>,
+    pub roots: Option<Vec<String>>,
+    pub strip_prefix: Option<String>,
+    pub index: Option<String>,
+    pub precompressed: Option<bool>,
+    pub allow_symlinks_outside: Option<bool>,
+    pub cache_control: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompress {
+    pub types: Vec<String>,
+    pub min_size: Option<Size>,
+    pub algorithms: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

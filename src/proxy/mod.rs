@@ -29,10 +29,11 @@ use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Exchange};
 use crate::body::{BodyError, RequestBody, ResponseBody, UploadProgress, UpstreamStream};
-use crate::config::{Config, Timeouts};
+use crate::config::{Config, Serve, Timeouts};
 use crate::graphql;
 use crate::route::{Route, RouteTable, Selection};
 use crate::server::io::WriteStallLimit;
+use crate::static_files;
 use crate::upstream::{ConnectError, PooledConnection, Upstream};
 
 use error::ErrorContext;
@@ -113,6 +114,9 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (route, prefix) = self.route(&parts, &mut body).await?;
         exchange.route = route.name.clone();
+        if let Serve::Static(site) = &route.serve {
+            return Ok(static_files::serve(site, &parts).await);
+        }
         let upstream = &self.upstreams[route.settings.upstream];
         exchange.upstream = Some(upstream.name.clone());
         client.write_stall.set(route.settings.timeouts.idle.0);
