@@ -217,8 +217,11 @@ impl Exchange {
         line
     }
 
+    /// As the client wrote it for HTTP/1.1; HTTP/2's `:scheme` and `:authority` are
+    /// left out, as Apache does.
     fn request_line(&self) -> String {
-        format!("{} {} {:?}", self.method, self.uri, self.version)
+        let target = self.uri.path_and_query().map_or("*", |pq| pq.as_str());
+        format!("{} {target} {:?}", self.method, self.version)
     }
 }
 

@@ -76,10 +76,25 @@ fn run(path: &Path) -> anyhow::Result<()> {
     runtime.block_on(async {
         let server = Server::bind(&config).await?;
         tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "quadrige-proxy started");
-        server.run(shutdown_signal()).await;
+        server.run_with_reloads(shutdown_signal(), reload_requests()?).await;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// One message per SIGHUP (systemd's `ExecReload`, logrotate).
+fn reload_requests() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading");
+            // A reload already queued covers this one too.
+            let _ = sender.try_send(());
+        }
+    });
+    Ok(receiver)
 }
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).

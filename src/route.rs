@@ -165,7 +165,8 @@ impl RouteTable {
             let s = &route.settings;
             let upstream = match &route.serve {
                 Serve::Static(site) => {
-                    let roots: Vec<_> = site.roots.iter().map(|r| r.display().to_string()).collect();
+                    let roots: Vec<_> =
+                        site.roots.iter().map(|r| r.display().to_string()).collect();
                     format!("static {}", roots.join(" > "))
                 }
                 Serve::Proxy => upstreams

@@ -8,6 +8,7 @@
 //! [`ResponseBody`] carries the answer back with the idle and total timers, and turns
 //! any late failure into an aborted transfer, never a short body that looks complete.
 
+mod file;
 mod response;
 
 use std::pin::Pin;
@@ -22,6 +23,7 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use file::{FileStream, CHUNK as FILE_CHUNK};
 pub use response::{ResponseBody, UpstreamStream};
 
 /// Why a body stream stopped early.
@@ -37,6 +39,10 @@ pub enum BodyError {
     UpstreamIdle(Duration),
     #[error("the exchange passed its total limit of {0:?}")]
     TotalElapsed(Duration),
+    #[error("reading the file from disk failed: {0}")]
+    File(std::io::Error),
+    #[error("compressing the response failed: {0}")]
+    Compression(std::io::Error),
 }
 
 /// Shared between the request body (polled by the upstream connection's task) and the

@@ -50,6 +50,34 @@ pub struct Config {
     pub defaults: RouteSettings,
     /// In match order: the first route whose matchers all match wins.
     pub routes: Vec<RouteConfig>,
+    pub maintenance: Option<MaintenanceConfig>,
+}
+
+/// The maintenance switch: while on, requests under `path_prefix` get the page with 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaintenanceConfig {
+    /// On regardless of the flag file.
+    pub enabled: bool,
+    /// On while this file exists (`touch` it to start maintenance, `rm` to end it).
+    pub flag_file: Option<PathBuf>,
+    /// The HTML page to show; a built-in one when absent.
+    pub page: Option<PathBuf>,
+    pub path_prefix: String,
+    pub retry_after: Duration,
+}
+
+/// HTTPS listeners and what goes with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    /// PEM certificate chain (certbot's `fullchain.pem`).
+    pub certificate: PathBuf,
+    /// PEM private key (certbot's `privkey.pem`).
+    pub key: PathBuf,
+    /// The `Strict-Transport-Security` value sent on HTTPS responses.
+    pub hsts: Option<String>,
+    /// Plain-HTTP listeners answer with a redirect to HTTPS (except ACME challenges).
+    pub redirect_http: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +92,8 @@ pub struct ServerConfig {
     pub name: String,
     /// How many body bytes are read at most to find a GraphQL `operationName`.
     pub graphql_peek_limit: usize,
+    pub acme_challenge_root: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,7 +339,66 @@ impl Validator<'_> {
             upstreams,
             defaults,
             routes,
+            maintenance: self.maintenance(&raw)?,
         })
+    }
+
+    fn maintenance(&self, raw: &RawConfig) -> Result<Option<MaintenanceConfig>, ConfigError> {
+        let Some(m) = &raw.maintenance else {
+            return Ok(None);
+        };
+        let span = m.span();
+        let m = m.get_ref();
+        let path_prefix = m.path_prefix.clone().unwrap_or_else(|| "/geonature".into());
+        if !path_prefix.starts_with('/') {
+            return Err(self
+                .at
+                .error(span, "maintenance `path_prefix` must start with `/`".into()));
+        }
+        Ok(Some(MaintenanceConfig {
+            enabled: m.enabled.unwrap_or(false),
+            flag_file: m.flag_file.as_deref().map(|f| self.resolve(f)),
+            page: m.page.as_deref().map(|p| self.resolve(p)),
+            path_prefix,
+            retry_after: m.retry_after.map_or(Duration::from_secs(300), |d| d.0),
+        }))
+    }
+
+    fn tls(&self, raw: &RawConfig) -> Result<Option<TlsConfig>, ConfigError> {
+        let Some(tls) = &raw.server.tls else {
+            return Ok(None);
+        };
+        let t = tls.get_ref();
+        if t.listen.get_ref().is_empty() {
+            return Err(self.at.error(
+                t.listen.span(),
+                "`tls.listen` needs at least one address".into(),
+            ));
+        }
+        let listen = t
+            .listen
+            .get_ref()
+            .iter()
+            .map(|a| parse_listen(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| self.at.error(t.listen.span(), m))?;
+        let hsts = match &t.hsts {
+            Some(v)
+                if http::HeaderValue::from_str(v.get_ref()).is_err() || v.get_ref().is_empty() =>
+            {
+                return Err(self
+                    .at
+                    .error(v.span(), "`hsts` is not a valid header value".into()))
+            }
+            other => other.as_ref().map(|v| v.get_ref().clone()),
+        };
+        Ok(Some(TlsConfig {
+            listen,
+            certificate: self.resolve(&t.certificate),
+            key: self.resolve(&t.key),
+            hsts,
+            redirect_http: t.redirect_http.unwrap_or(false),
+        }))
     }
 
     fn server(&self, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
@@ -348,6 +437,8 @@ impl Validator<'_> {
             shutdown_grace: s.shutdown_grace.map_or(Duration::from_secs(30), |d| d.0),
             name: s.name.clone().unwrap_or_else(host_name),
             graphql_peek_limit: peek_limit,
+            acme_challenge_root: s.acme_challenge_root.as_deref().map(|r| self.resolve(r)),
+            tls: self.tls(raw)?,
         })
     }
 
@@ -504,11 +595,15 @@ impl Validator<'_> {
         };
         let strip_prefix = s.strip_prefix.clone().unwrap_or_default();
         if !strip_prefix.is_empty() && !strip_prefix.starts_with('/') {
-            return Err(self.at.error(raw.span(), "`strip_prefix` must start with `/`".into()));
+            return Err(self
+                .at
+                .error(raw.span(), "`strip_prefix` must start with `/`".into()));
         }
         let index = s.index.clone().unwrap_or_else(|| "index.html".into());
         if index.is_empty() || index.contains('/') {
-            return Err(self.at.error(raw.span(), "`index` must be a plain file name".into()));
+            return Err(self
+                .at
+                .error(raw.span(), "`index` must be a plain file name".into()));
         }
         Ok(StaticConfig {
             roots,
@@ -553,7 +648,11 @@ impl Validator<'_> {
                 .collect::<Result<_, _>>()?,
         };
         Ok(Some(Arc::new(CompressConfig {
-            types: c.types.iter().map(|t| t.trim().to_ascii_lowercase()).collect(),
+            types: c
+                .types
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect(),
             min_size: c.min_size.and_then(|s| s.0).unwrap_or(1024),
             algorithms,
         })))

@@ -24,6 +24,7 @@ pub struct RawConfig {
     pub defaults: RawDefaults,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+    pub maintenance: Option<Spanned<RawMaintenance>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +36,29 @@ pub struct RawServer {
     /// Sent upstream as `X-Forwarded-Server`; the host name when absent.
     pub name: Option<String>,
     pub graphql_peek_limit: Option<Spanned<Size>>,
+    /// Served at `/.well-known/acme-challenge/` on every listener (certbot --webroot).
+    pub acme_challenge_root: Option<String>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub listen: Spanned<Vec<String>>,
+    pub certificate: String,
+    pub key: String,
+    pub hsts: Option<Spanned<String>>,
+    pub redirect_http: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMaintenance {
+    pub enabled: Option<bool>,
+    pub flag_file: Option<String>,
+    pub page: Option<String>,
+    pub path_prefix: Option<String>,
+    pub retry_after: Option<RequiredDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,6 +10,7 @@
 //!    total timers running; or, on failure, a generated 4xx/5xx that explains itself;
 //! 5. **log**: written when the response body is done or dropped (see `access_log`).
 
+mod early;
 pub mod error;
 pub mod headers;
 
@@ -58,6 +59,7 @@ pub struct Proxy {
     peek_idle: Option<Duration>,
     access_log: Arc<AccessLog>,
     request_ids: headers::RequestIds,
+    early: early::EarlyAnswers,
 }
 
 impl Proxy {
@@ -71,6 +73,7 @@ impl Proxy {
             peek_idle: config.defaults.timeouts.idle.0,
             access_log,
             request_ids: headers::RequestIds::new(),
+            early: early::EarlyAnswers::new(config),
         }
     }
 
@@ -88,7 +91,8 @@ impl Proxy {
         request: Request<Incoming>,
         client: &Client,
     ) -> Response<ResponseBody> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        authority_as_host(&mut parts);
         let request_id = self.request_ids.for_request(&parts.headers);
         let mut exchange = Exchange::begin(
             self.access_log.clone(),
@@ -97,10 +101,17 @@ impl Proxy {
             request_id,
         );
         let wants_json = error::prefers_json(&parts.headers, parts.uri.path());
-        let response = match self.proxy(parts, body, client, &mut exchange).await {
-            Ok(response) => response,
-            Err(failure) => self.explain(&failure, &exchange, wants_json),
+        let mut response = match self.early.answer(&parts, client.scheme).await {
+            Some((name, response)) => {
+                exchange.route = Arc::from(name);
+                response
+            }
+            None => match self.proxy(parts, body, client, &mut exchange).await {
+                Ok(response) => response,
+                Err(failure) => self.explain(&failure, &exchange, wants_json),
+            },
         };
+        self.early.decorate(client.scheme, response.headers_mut());
         exchange.status = response.status().as_u16();
         response.map(|body| body.logged(exchange))
     }
@@ -289,6 +300,21 @@ impl Proxy {
             json,
         };
         error::error_response(failure, &context)
+    }
+}
+
+/// HTTP/2 carries the host in `:authority`, not `Host`; everything downstream (Host
+/// rules, X-Forwarded-Host, redirects, Location rewriting) reads `Host`.
+fn authority_as_host(parts: &mut Parts) {
+    if parts.headers.contains_key(header::HOST) {
+        return;
+    }
+    if let Some(host) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, host);
     }
 }
 

@@ -1,29 +1,36 @@
-//! Listeners, client connections and graceful shutdown.
+//! Listeners, configuration reloads and graceful shutdown.
 //!
-//! Each listener accepts on its own task; each client connection is served by hyper's
-//! HTTP/1.1 server on a task of its own, with the slowloris guard (`header_read_timeout`,
-//! which also bounds idle keep-alive) and the write stall guard of [`io`]. On shutdown
-//! the listeners close first, then every connection finishes its in-flight request and
-//! closes, for at most `shutdown_grace`.
+//! The running configuration is a [`Runtime`] snapshot behind an `ArcSwap`: each request
+//! takes the snapshot current when it arrives and keeps it to the end, so a reload
+//! (SIGHUP) applies to new requests at once while a 20-minute extraction finishes under
+//! the rules it started with. A reload that fails — unreadable or invalid config, broken
+//! certificate, a new address that cannot be bound — changes nothing and says why.
+//! Listeners are diffed on reload: new addresses are opened, removed ones closed (their
+//! open connections finish normally), unchanged ones keep accepting throughout.
+//! On shutdown the listeners close first, then every connection finishes its in-flight
+//! request and closes, for at most `shutdown_grace`.
 
+mod connection;
 pub mod io;
+mod systemd;
+pub mod tls;
 
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::access_log::AccessLog;
-use crate::config::Config;
-use crate::proxy::{Client, Proxy};
-use io::{ClientStream, WriteStallLimit};
+use crate::config::{Config, ConfigError};
+use crate::proxy::Proxy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -34,105 +41,282 @@ pub enum ServerError {
     },
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
-/// Connection settings that do not change per request.
-#[derive(Clone)]
-struct ConnectionSettings {
+/// Everything built from one configuration.
+pub struct Runtime {
+    pub proxy: Proxy,
+    tls: Option<TlsAcceptor>,
     header_read_timeout: Duration,
     default_write_stall: Option<Duration>,
+    shutdown_grace: Duration,
+    /// The listeners this configuration wants: address and whether it speaks TLS.
+    listen: Vec<(SocketAddr, bool)>,
 }
 
-/// A bound, not yet running, proxy server.
+impl Runtime {
+    fn build(config: &Config) -> Result<Runtime, ServerError> {
+        let tls = config.server.tls.as_ref().map(tls::acceptor).transpose()?;
+        let access_log = AccessLog::open(&config.log).map_err(ServerError::AccessLog)?;
+        let mut listen: Vec<(SocketAddr, bool)> =
+            config.server.listen.iter().map(|a| (*a, false)).collect();
+        if let Some(t) = &config.server.tls {
+            listen.extend(t.listen.iter().map(|a| (*a, true)));
+        }
+        Ok(Runtime {
+            proxy: Proxy::new(config, access_log),
+            tls,
+            header_read_timeout: config.server.header_read_timeout,
+            default_write_stall: config.defaults.timeouts.idle.0,
+            shutdown_grace: config.server.shutdown_grace,
+            listen,
+        })
+    }
+}
+
+/// What connections share: the current configuration.
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
+}
+
+struct Listener {
+    secure: bool,
+    /// Set until `run` starts accepting.
+    bound: Option<TcpListener>,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+/// A bound proxy server, ready to run.
 pub struct Server {
-    listeners: Vec<TcpListener>,
-    proxy: Arc<Proxy>,
-    settings: ConnectionSettings,
-    shutdown_grace: Duration,
+    shared: Arc<Shared>,
+    listeners: HashMap<SocketAddr, Listener>,
+    /// Where reloads read the configuration from.
+    source: PathBuf,
+    stop: watch::Sender<bool>,
 }
 
 impl Server {
-    /// Opens the access log and binds every listen address.
+    /// Builds the runtime and binds every listen address (or takes the socket systemd
+    /// passed for it).
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
-        let access_log = AccessLog::open(&config.log).map_err(ServerError::AccessLog)?;
-        let mut listeners = Vec::with_capacity(config.server.listen.len());
-        for &addr in &config.server.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind { addr, source })?;
-            listeners.push(listener);
+        let runtime = Runtime::build(config)?;
+        let mut inherited = systemd::inherited_listeners();
+        let mut listeners = HashMap::new();
+        for &(addr, secure) in &runtime.listen {
+            let listener = match inherited.remove(&addr) {
+                Some(socket) => socket,
+                None => bind(addr).await?,
+            };
+            listeners.insert(
+                addr,
+                Listener {
+                    secure,
+                    bound: Some(listener),
+                    running: None,
+                },
+            );
+        }
+        for (addr, socket) in inherited {
+            tracing::warn!(%addr, "systemd passed a socket the config does not name: serving it as plain HTTP");
+            listeners.insert(
+                addr,
+                Listener {
+                    secure: false,
+                    bound: Some(socket),
+                    running: None,
+                },
+            );
         }
         Ok(Server {
+            shared: Arc::new(Shared {
+                runtime: ArcSwap::from_pointee(runtime),
+            }),
             listeners,
-            proxy: Arc::new(Proxy::new(config, access_log)),
-            settings: ConnectionSettings {
-                header_read_timeout: config.server.header_read_timeout,
-                default_write_stall: config.defaults.timeouts.idle.0,
-            },
-            shutdown_grace: config.server.shutdown_grace,
+            source: config.source.clone(),
+            stop: watch::channel(false).0,
         })
     }
 
-    /// The addresses actually bound (useful with port 0).
+    /// The addresses actually bound (useful with port 0), plain ones first.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        let mut addrs: Vec<(bool, SocketAddr)> = self
+            .listeners
+            .values()
+            .filter_map(|l| {
+                let addr = l.bound.as_ref()?.local_addr().ok()?;
+                Some((l.secure, addr))
+            })
+            .collect();
+        addrs.sort();
+        addrs.into_iter().map(|(_, a)| a).collect()
     }
 
-    /// Serves until `shutdown` resolves, then drains connections for up to the grace.
+    /// Serves until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (stop, stopped) = watch::channel(false);
-        let mut accept_tasks = Vec::with_capacity(self.listeners.len());
-        for listener in self.listeners {
-            let addr = listener.local_addr().ok();
-            tracing::info!(?addr, "listening");
-            accept_tasks.push(tokio::spawn(accept_loop(
-                listener,
-                self.proxy.clone(),
-                self.settings.clone(),
-                stopped.clone(),
-            )));
+        let (_keep, reloads) = mpsc::channel(1);
+        self.run_with_reloads(shutdown, reloads).await;
+    }
+
+    /// Serves until `shutdown` resolves, reloading the configuration file whenever a
+    /// message arrives on `reloads`.
+    pub async fn run_with_reloads(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        mut reloads: mpsc::Receiver<()>,
+    ) {
+        let addrs: Vec<SocketAddr> = self.listeners.keys().copied().collect();
+        for addr in addrs {
+            self.start_accepting(addr);
         }
-        drop(stopped);
-        shutdown.await;
-        let _ = stop.send(true);
-        for task in accept_tasks {
+        systemd::ready();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(()) = reloads.recv() => self.reload().await,
+            }
+        }
+        systemd::stopping();
+        self.drain().await;
+    }
+
+    fn start_accepting(&mut self, addr: SocketAddr) {
+        let Some(listener) = self.listeners.get_mut(&addr) else {
+            return;
+        };
+        let Some(socket) = listener.bound.take() else {
+            return;
+        };
+        let (stop_one, stopped_one) = oneshot::channel();
+        tracing::info!(%addr, tls = listener.secure, "listening");
+        let task = tokio::spawn(accept_loop(
+            socket,
+            listener.secure,
+            self.shared.clone(),
+            self.stop.subscribe(),
+            stopped_one,
+        ));
+        listener.running = Some((stop_one, task));
+    }
+
+    /// Re-reads the configuration; on any failure the running one stays untouched.
+    async fn reload(&mut self) {
+        systemd::reloading();
+        match self.try_reload().await {
+            Ok(()) => tracing::info!(config = %self.source.display(), "configuration reloaded"),
+            Err(e) => tracing::error!(
+                config = %self.source.display(),
+                "reload refused, the running configuration stays: {e}"
+            ),
+        }
+        systemd::ready();
+    }
+
+    async fn try_reload(&mut self) -> Result<(), ServerError> {
+        let config = Config::load(&self.source)?;
+        let runtime = Runtime::build(&config)?;
+        let wanted: HashMap<SocketAddr, bool> = runtime.listen.iter().copied().collect();
+        // Bind every new address first, so a failure leaves everything as it was.
+        let mut opened = Vec::new();
+        for (&addr, &secure) in &wanted {
+            if !self.listeners.contains_key(&addr) {
+                opened.push((addr, secure, bind(addr).await?));
+            }
+        }
+        let changed: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|(addr, l)| wanted.get(addr) != Some(&l.secure))
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in changed {
+            self.close_listener(addr).await;
+            if let Some(&secure) = wanted.get(&addr) {
+                opened.push((addr, secure, bind(addr).await?));
+            }
+        }
+        self.shared.runtime.store(Arc::new(runtime));
+        for (addr, secure, socket) in opened {
+            self.listeners.insert(
+                addr,
+                Listener {
+                    secure,
+                    bound: Some(socket),
+                    running: None,
+                },
+            );
+            self.start_accepting(addr);
+        }
+        Ok(())
+    }
+
+    async fn close_listener(&mut self, addr: SocketAddr) {
+        if let Some(Listener {
+            running: Some((stop, task)),
+            ..
+        }) = self.listeners.remove(&addr)
+        {
+            let _ = stop.send(());
             let _ = task.await;
+            tracing::info!(%addr, "stopped listening");
         }
-        let open = stop.receiver_count();
-        tracing::info!(open_connections = open, grace = ?self.shutdown_grace, "shutting down: draining connections");
-        if tokio::time::timeout(self.shutdown_grace, stop.closed())
+    }
+
+    async fn drain(mut self) {
+        let _ = self.stop.send(true);
+        for (_, listener) in self.listeners.drain() {
+            if let Some((_, task)) = listener.running {
+                let _ = task.await;
+            }
+        }
+        let grace = self.shared.runtime.load().shutdown_grace;
+        tracing::info!(
+            open_connections = self.stop.receiver_count(),
+            ?grace,
+            "draining connections"
+        );
+        if tokio::time::timeout(grace, self.stop.closed())
             .await
             .is_err()
         {
             tracing::warn!(
-                still_open = stop.receiver_count(),
+                still_open = self.stop.receiver_count(),
                 "shutdown grace elapsed: closing the remaining connections"
             );
         }
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
-    settings: ConnectionSettings,
+    secure: bool,
+    shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
+    mut removed: oneshot::Receiver<()>,
 ) {
     loop {
         let accepted = tokio::select! {
             _ = stopped.wait_for(|stop| *stop) => return,
+            _ = &mut removed => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(serve_connection(
+                tokio::spawn(connection::serve(
                     stream,
                     peer,
-                    proxy.clone(),
-                    settings.clone(),
+                    secure,
+                    shared.clone(),
                     stopped.clone(),
                 ));
             }
@@ -142,47 +326,5 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    proxy: Arc<Proxy>,
-    settings: ConnectionSettings,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let write_stall = WriteStallLimit::new(settings.default_write_stall);
-    let client = Arc::new(Client {
-        addr: peer,
-        scheme: "http",
-        write_stall: write_stall.clone(),
-    });
-    let service = service_fn(move |request| {
-        let proxy = proxy.clone();
-        let client = client.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
-    });
-    let io = TokioIo::new(ClientStream::new(stream, write_stall));
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true)
-        .serve_connection(io, service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => Some(result),
-        _ = stopped.wait_for(|stop| *stop) => None,
-    };
-    let result = match result {
-        Some(result) => result,
-        None => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }

@@ -1,0 +1,144 @@
+//! Serving one client connection: TLS handshake when the listener is secure, then
+//! HTTP/2 when ALPN chose it, HTTP/1.1 otherwise; graceful close on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::io::{ClientStream, WriteStallLimit};
+use super::Shared;
+use crate::body::ResponseBody;
+use crate::proxy::Client;
+
+/// Serves `stream` until the client leaves, or until shutdown lets its in-flight
+/// requests finish.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    secure: bool,
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let runtime = shared.runtime.load_full();
+    let write_stall = WriteStallLimit::new(runtime.default_write_stall);
+    let stream = ClientStream::new(stream, write_stall.clone());
+    let client = Client {
+        addr: peer,
+        scheme: if secure { "https" } else { "http" },
+        write_stall,
+    };
+    if !secure {
+        return serve_http(stream, false, client, shared, stopped).await;
+    }
+    let Some(acceptor) = runtime.tls.clone() else {
+        return;
+    };
+    // The handshake is part of what a client must finish within the header timeout.
+    let handshake =
+        tokio::time::timeout(runtime.header_read_timeout, acceptor.accept(stream)).await;
+    drop(runtime);
+    match handshake {
+        Ok(Ok(tls)) => {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_http(tls, h2, client, shared, stopped).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_http<S>(
+    io: S,
+    h2: bool,
+    client: Client,
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_read_timeout = shared.runtime.load().header_read_timeout;
+    let peer = client.addr;
+    let client = Arc::new(client);
+    let service = service_fn(move |request: Request<Incoming>| {
+        let client = client.clone();
+        // Each request runs under the configuration current when it arrived; a reload
+        // never changes the rules of an exchange already under way.
+        let runtime = shared.runtime.load_full();
+        async move { Ok::<_, Infallible>(runtime.proxy.handle(request, &client).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let connection = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, service);
+        until_drained(connection, stopped).await
+    } else {
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .keep_alive(true)
+            .serve_connection(io, service);
+        until_drained(connection, stopped).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// A hyper connection that can be asked to finish its in-flight work and close.
+trait GracefulConnection: Future<Output = hyper::Result<()>> {
+    fn start_graceful_close(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for http1::Connection<I, S>
+where
+    Self: Future<Output = hyper::Result<()>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
+{
+    fn start_graceful_close(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> GracefulConnection for http2::Connection<I, S, TokioExecutor>
+where
+    Self: Future<Output = hyper::Result<()>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
+    S::Future: Send + 'static,
+{
+    fn start_graceful_close(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+async fn until_drained<C: GracefulConnection>(
+    connection: C,
+    mut stopped: watch::Receiver<bool>,
+) -> hyper::Result<()> {
+    tokio::pin!(connection);
+    let finished = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        _ = stopped.wait_for(|stop| *stop) => None,
+    };
+    match finished {
+        Some(result) => result,
+        None => {
+            connection.as_mut().start_graceful_close();
+            connection.await
+        }
+    }
+}
