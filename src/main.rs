@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use quadrige_proxy::route::RouteTable;
+use quadrige_proxy::server::ReloadRequest;
 use quadrige_proxy::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
@@ -43,6 +44,24 @@ fn check(path: &Path) -> anyhow::Result<()> {
     println!("{}: OK", path.display());
     let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
     println!("listen: {}", listen.join(", "));
+    if let Some(tls) = &config.server.tls {
+        let listen: Vec<String> = tls.listen.iter().map(|a| a.to_string()).collect();
+        println!(
+            "tls: {} (certificate {}, key {}{}{})",
+            listen.join(", "),
+            tls.certificate.display(),
+            tls.key.display(),
+            if tls.redirect_http {
+                ", plain HTTP redirected"
+            } else {
+                ""
+            },
+            tls.hsts
+                .as_deref()
+                .map(|h| format!(", HSTS {h}"))
+                .unwrap_or_default()
+        );
+    }
     for upstream in &config.upstreams {
         println!(
             "upstream {}: {}{}",
@@ -83,7 +102,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 /// One message per SIGHUP (systemd's `ExecReload`, logrotate).
-fn reload_requests() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+fn reload_requests() -> anyhow::Result<tokio::sync::mpsc::Receiver<ReloadRequest>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
@@ -91,7 +110,7 @@ fn reload_requests() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP received: reloading");
             // A reload already queued covers this one too.
-            let _ = sender.try_send(());
+            let _ = sender.try_send(ReloadRequest::logged());
         }
     });
     Ok(receiver)

@@ -83,17 +83,47 @@ pub struct Shared {
     runtime: ArcSwap<Runtime>,
 }
 
+/// A listener is known by its configured address and whether it speaks TLS: two
+/// listeners on port 0 (tests) are still two listeners.
+type ListenerKey = (SocketAddr, bool);
+
 struct Listener {
-    secure: bool,
     /// Set until `run` starts accepting.
     bound: Option<TcpListener>,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
+impl Listener {
+    fn bound(socket: TcpListener) -> Listener {
+        Listener {
+            bound: Some(socket),
+            running: None,
+        }
+    }
+}
+
+/// A request to re-read the configuration file; the outcome is sent back when asked.
+pub struct ReloadRequest {
+    reply: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+impl ReloadRequest {
+    /// A request whose outcome is only logged (SIGHUP).
+    pub fn logged() -> ReloadRequest {
+        ReloadRequest { reply: None }
+    }
+
+    /// A request whose outcome (or the reason it was refused) is also sent back.
+    pub fn answered() -> (ReloadRequest, oneshot::Receiver<Result<(), String>>) {
+        let (reply, outcome) = oneshot::channel();
+        (ReloadRequest { reply: Some(reply) }, outcome)
+    }
+}
+
 /// A bound proxy server, ready to run.
 pub struct Server {
     shared: Arc<Shared>,
-    listeners: HashMap<SocketAddr, Listener>,
+    listeners: HashMap<ListenerKey, Listener>,
     /// Where reloads read the configuration from.
     source: PathBuf,
     stop: watch::Sender<bool>,
@@ -107,29 +137,15 @@ impl Server {
         let mut inherited = systemd::inherited_listeners();
         let mut listeners = HashMap::new();
         for &(addr, secure) in &runtime.listen {
-            let listener = match inherited.remove(&addr) {
+            let socket = match inherited.remove(&addr) {
                 Some(socket) => socket,
                 None => bind(addr).await?,
             };
-            listeners.insert(
-                addr,
-                Listener {
-                    secure,
-                    bound: Some(listener),
-                    running: None,
-                },
-            );
+            listeners.insert((addr, secure), Listener::bound(socket));
         }
         for (addr, socket) in inherited {
             tracing::warn!(%addr, "systemd passed a socket the config does not name: serving it as plain HTTP");
-            listeners.insert(
-                addr,
-                Listener {
-                    secure: false,
-                    bound: Some(socket),
-                    running: None,
-                },
-            );
+            listeners.insert((addr, false), Listener::bound(socket));
         }
         Ok(Server {
             shared: Arc::new(Shared {
@@ -145,11 +161,8 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         let mut addrs: Vec<(bool, SocketAddr)> = self
             .listeners
-            .values()
-            .filter_map(|l| {
-                let addr = l.bound.as_ref()?.local_addr().ok()?;
-                Some((l.secure, addr))
-            })
+            .iter()
+            .filter_map(|(&(_, secure), l)| Some((secure, l.bound.as_ref()?.local_addr().ok()?)))
             .collect();
         addrs.sort();
         addrs.into_iter().map(|(_, a)| a).collect()
@@ -161,41 +174,42 @@ impl Server {
         self.run_with_reloads(shutdown, reloads).await;
     }
 
-    /// Serves until `shutdown` resolves, reloading the configuration file whenever a
-    /// message arrives on `reloads`.
+    /// Serves until `shutdown` resolves, reloading the configuration file for each
+    /// request that arrives on `reloads`.
     pub async fn run_with_reloads(
         mut self,
         shutdown: impl Future<Output = ()>,
-        mut reloads: mpsc::Receiver<()>,
+        mut reloads: mpsc::Receiver<ReloadRequest>,
     ) {
-        let addrs: Vec<SocketAddr> = self.listeners.keys().copied().collect();
-        for addr in addrs {
-            self.start_accepting(addr);
+        let keys: Vec<ListenerKey> = self.listeners.keys().copied().collect();
+        for key in keys {
+            self.start_accepting(key);
         }
         systemd::ready();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(()) = reloads.recv() => self.reload().await,
+                Some(request) = reloads.recv() => self.reload(request).await,
             }
         }
         systemd::stopping();
         self.drain().await;
     }
 
-    fn start_accepting(&mut self, addr: SocketAddr) {
-        let Some(listener) = self.listeners.get_mut(&addr) else {
+    fn start_accepting(&mut self, key: ListenerKey) {
+        let Some(listener) = self.listeners.get_mut(&key) else {
             return;
         };
         let Some(socket) = listener.bound.take() else {
             return;
         };
         let (stop_one, stopped_one) = oneshot::channel();
-        tracing::info!(%addr, tls = listener.secure, "listening");
+        let (addr, secure) = (socket.local_addr().ok(), key.1);
+        tracing::info!(?addr, tls = secure, "listening");
         let task = tokio::spawn(accept_loop(
             socket,
-            listener.secure,
+            secure,
             self.shared.clone(),
             self.stop.subscribe(),
             stopped_one,
@@ -204,9 +218,10 @@ impl Server {
     }
 
     /// Re-reads the configuration; on any failure the running one stays untouched.
-    async fn reload(&mut self) {
+    async fn reload(&mut self, request: ReloadRequest) {
         systemd::reloading();
-        match self.try_reload().await {
+        let outcome = self.try_reload().await.map_err(|e| e.to_string());
+        match &outcome {
             Ok(()) => tracing::info!(config = %self.source.display(), "configuration reloaded"),
             Err(e) => tracing::error!(
                 config = %self.source.display(),
@@ -214,55 +229,55 @@ impl Server {
             ),
         }
         systemd::ready();
+        if let Some(reply) = request.reply {
+            let _ = reply.send(outcome);
+        }
     }
 
     async fn try_reload(&mut self) -> Result<(), ServerError> {
         let config = Config::load(&self.source)?;
         let runtime = Runtime::build(&config)?;
-        let wanted: HashMap<SocketAddr, bool> = runtime.listen.iter().copied().collect();
-        // Bind every new address first, so a failure leaves everything as it was.
+        let wanted = runtime.listen.clone();
+        let removed: Vec<ListenerKey> = self
+            .listeners
+            .keys()
+            .filter(|key| !wanted.contains(key))
+            .copied()
+            .collect();
+        // Bind new addresses first, so a failure leaves everything as it was; an address
+        // that only switches between plain and TLS is rebound once its old listener closed.
         let mut opened = Vec::new();
-        for (&addr, &secure) in &wanted {
-            if !self.listeners.contains_key(&addr) {
-                opened.push((addr, secure, bind(addr).await?));
+        let mut after_close = Vec::new();
+        for key in wanted.iter().filter(|k| !self.listeners.contains_key(k)) {
+            if removed.iter().any(|(addr, _)| *addr == key.0) {
+                after_close.push(*key);
+            } else {
+                opened.push((*key, bind(key.0).await?));
             }
         }
-        let changed: Vec<SocketAddr> = self
-            .listeners
-            .iter()
-            .filter(|(addr, l)| wanted.get(addr) != Some(&l.secure))
-            .map(|(addr, _)| *addr)
-            .collect();
-        for addr in changed {
-            self.close_listener(addr).await;
-            if let Some(&secure) = wanted.get(&addr) {
-                opened.push((addr, secure, bind(addr).await?));
-            }
+        for key in removed {
+            self.close_listener(key).await;
+        }
+        for key in after_close {
+            opened.push((key, bind(key.0).await?));
         }
         self.shared.runtime.store(Arc::new(runtime));
-        for (addr, secure, socket) in opened {
-            self.listeners.insert(
-                addr,
-                Listener {
-                    secure,
-                    bound: Some(socket),
-                    running: None,
-                },
-            );
-            self.start_accepting(addr);
+        for (key, socket) in opened {
+            self.listeners.insert(key, Listener::bound(socket));
+            self.start_accepting(key);
         }
         Ok(())
     }
 
-    async fn close_listener(&mut self, addr: SocketAddr) {
+    async fn close_listener(&mut self, key: ListenerKey) {
         if let Some(Listener {
             running: Some((stop, task)),
             ..
-        }) = self.listeners.remove(&addr)
+        }) = self.listeners.remove(&key)
         {
             let _ = stop.send(());
             let _ = task.await;
-            tracing::info!(%addr, "stopped listening");
+            tracing::info!(addr = %key.0, tls = key.1, "stopped listening");
         }
     }
 
