@@ -5,6 +5,13 @@
 //! worker. Here a write that stays blocked longer than the current route's idle timer
 //! fails with `TimedOut`, which makes hyper drop the connection and, with it, the
 //! upstream request.
+//!
+//! "Blocked" means the client took no byte at all. The kernel reports a TCP socket
+//! writable again only once a third of its send buffer is free, and that buffer grows
+//! to megabytes: a client reading slowly but steadily can leave the socket "unwritable"
+//! for longer than the limit. So when the limit is reached the write is retried on the
+//! socket itself, past the runtime's readiness; only if the send buffer is still full
+//! (nothing left since the write blocked) does the guard fire.
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +22,7 @@ use std::time::Duration;
 
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// The longest a write may stay blocked on this connection; set per request.
@@ -60,11 +68,10 @@ impl<S> ClientStream<S> {
         }
     }
 
-    /// Called when a write could not progress: arms or checks the stall timer.
-    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let Some(limit) = self.limit.get() else {
-            return Poll::Pending;
-        };
+    /// Called when a write could not progress: arms the stall timer, and says whether it
+    /// has expired (with its limit).
+    fn stall_expired(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
+        let limit = self.limit.get()?;
         if !self.stalled {
             let deadline = Instant::now() + limit;
             match &mut self.timer {
@@ -74,26 +81,52 @@ impl<S> ClientStream<S> {
             self.stalled = true;
         }
         match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client read nothing for {limit:?} (idle timer)"),
-            ))),
-            _ => Poll::Pending,
+            Some(Poll::Ready(())) => Some(limit),
+            _ => None,
         }
     }
 
+    /// Passes a write's result on, running the stall guard while it is pending; when the
+    /// guard's limit is reached, `retry` tries the write once more on the socket itself.
     fn progressed<T>(
         &mut self,
         result: Poll<io::Result<T>>,
         cx: &mut Context<'_>,
+        retry: impl FnOnce(&S) -> io::Result<T>,
     ) -> Poll<io::Result<T>> {
-        match result {
-            Poll::Pending => self.poll_stall(cx),
-            ready => {
-                self.stalled = false;
-                ready
-            }
+        if result.is_ready() {
+            self.stalled = false;
+            return result;
         }
+        let Some(limit) = self.stall_expired(cx) else {
+            return Poll::Pending;
+        };
+        match retry(&self.inner) {
+            // The client took bytes since the write blocked: not stalled, start over.
+            Ok(written) => {
+                self.stalled = false;
+                Poll::Ready(Ok(written))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?} (idle timer)"),
+            ))),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// A transport that can attempt a write on the spot, whatever the runtime last learned
+/// about its readiness.
+pub trait WriteNow {
+    /// A non-blocking write attempt: `WouldBlock` when the send buffer is full.
+    fn write_now(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl WriteNow for TcpStream {
+    fn write_now(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // The socket is non-blocking (tokio made it so).
+        socket2::SockRef::from(self).send_vectored(bufs)
     }
 }
 
@@ -107,14 +140,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
+impl<S: AsyncWrite + WriteNow + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.progressed(result, cx)
+        self.progressed(result, cx, |s| s.write_now(&[io::IoSlice::new(buf)]))
     }
 
     fn poll_write_vectored(
@@ -123,7 +156,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.progressed(result, cx)
+        self.progressed(result, cx, |s| s.write_now(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -132,7 +165,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let result = Pin::new(&mut self.inner).poll_flush(cx);
-        self.progressed(result, cx)
+        self.progressed(result, cx, |_| Err(io::ErrorKind::WouldBlock.into()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

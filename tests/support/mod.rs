@@ -306,6 +306,8 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// The proxy under test, listening on an ephemeral loopback port.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The HTTPS listener, when the config has one.
+    pub tls_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<()>,
 }
@@ -323,13 +325,16 @@ impl TestProxy {
         }
         let config = Config::parse(&text, Path::new("test.toml")).expect("test config is valid");
         let server = Server::bind(&config).await.expect("proxy binds");
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs();
+        let addr = addrs[0];
+        let tls_addr = addrs.get(1).copied();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
         TestProxy {
             addr,
+            tls_addr,
             stop: Some(stop),
             task,
         }
@@ -494,4 +499,340 @@ pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output =
     tokio::time::timeout(limit, future)
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the streaming, header and lifecycle tests.
+// ---------------------------------------------------------------------------------------
+
+/// Reads a response head only, for responses that carry no body (HEAD, 204, 304) or
+/// whose body the caller reads itself. Returns the head (with an empty body) and the
+/// bytes that arrived after it.
+pub async fn read_response_head(stream: &mut TcpStream) -> (RawResponse, Vec<u8>) {
+    let mut buf = Vec::new();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = parsed.parse(&buf) {
+            let head = RawResponse {
+                status: parsed.code.unwrap(),
+                headers: parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect(),
+                body: Vec::new(),
+                complete: true,
+            };
+            return (head, buf[n..].to_vec());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            panic!(
+                "connection closed before a response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Checks a stream of bytes against [`pattern`] with slice comparisons (fast enough for
+/// a GiB): feed it every piece in order.
+pub struct PatternCheck {
+    /// How many bytes were checked.
+    pub offset: u64,
+    /// Whether every byte so far matched.
+    pub intact: bool,
+    table: Vec<u8>,
+}
+
+impl PatternCheck {
+    pub fn new() -> PatternCheck {
+        PatternCheck {
+            offset: 0,
+            intact: true,
+            table: pattern_bytes(1 << 20),
+        }
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let start = (self.offset % 251) as usize;
+            let len = data.len().min(self.table.len() - 251);
+            if data[..len] != self.table[start..start + len] {
+                self.intact = false;
+            }
+            self.offset += len as u64;
+            data = &data[len..];
+        }
+    }
+}
+
+impl Default for PatternCheck {
+    fn default() -> Self {
+        PatternCheck::new()
+    }
+}
+
+/// The first `len` bytes of the [`pattern`] stream. Since the pattern repeats every 251
+/// bytes, a buffer whose length is a multiple of 251 can be sent again and again.
+pub fn pattern_bytes(len: usize) -> Vec<u8> {
+    (0..len as u64).map(pattern).collect()
+}
+
+/// Like [`drain_counted`], but the upstream is slow only for `slow_for`, reading at
+/// about `slow_rate` bytes per second (it sleeps after each frame for as long as the
+/// frame takes at that rate), then reads at full speed.
+pub async fn drain_slow_then_fast(
+    body: Incoming,
+    slow_for: Duration,
+    slow_rate: u64,
+    seen: &Recorded,
+) -> (u64, bool) {
+    let mut body = body;
+    let started = std::time::Instant::now();
+    let mut check = PatternCheck::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return (check.offset, false);
+        };
+        if let Ok(data) = frame.into_data() {
+            check.feed(&data);
+            seen.consumed.fetch_add(data.len() as u64, Ordering::SeqCst);
+            if started.elapsed() < slow_for {
+                let pause = data.len() as f64 / slow_rate as f64;
+                tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+            }
+        }
+    }
+    (check.offset, check.intact)
+}
+
+/// An upstream that keeps connections alive between requests but closes each one after
+/// `idle_close` without a new request (like Gunicorn's `--keep-alive`). It answers
+/// every request with 200 "ok".
+pub async fn closing_keepalive_upstream(idle_close: Duration) -> RunningUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Recorded::default());
+    let recorded = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            recorded.connections.fetch_add(1, Ordering::SeqCst);
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let recorded = recorded.clone();
+                    async move {
+                        recorded.requests.lock().unwrap().push(SeenRequest {
+                            method: req.method().clone(),
+                            target: req.uri().to_string(),
+                            headers: req.headers().clone(),
+                        });
+                        Ok::<_, Infallible>(text(StatusCode::OK, "ok"))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(idle_close)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    RunningUpstream { addr, seen, task }
+}
+
+/// A loopback port that was free a moment ago (for a process that must bind it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A new empty directory under the system temp dir, unique to this process and call.
+pub fn temp_dir(label: &str) -> std::path::PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "quadrige-proxy-test-{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits (bounded) until `condition` holds, polling every 10 ms.
+pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    within(limit, what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------
+// Helpers for the timer and error tests.
+
+/// Runs `future` and says how long it took.
+pub async fn timed<T>(future: impl Future<Output = T>) -> (T, Duration) {
+    let start = tokio::time::Instant::now();
+    let value = future.await;
+    (value, start.elapsed())
+}
+
+/// Opens a connection to `addr` and sends `request` (the caller reads the answer).
+pub async fn open(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    stream
+}
+
+/// A connection whose receive buffer is small (the kernel doubles `size`), so a client
+/// that stops reading makes the sender block quickly.
+pub async fn connect_with_small_receive_buffer(addr: SocketAddr, size: u32) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(size).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Waits, without consuming anything, until a complete response head has arrived.
+pub async fn wait_for_head(stream: &TcpStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = stream.peek(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before a response head");
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Asserts that the peer has closed (or reset) the connection: nothing more to read.
+pub async fn assert_closed(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let read = within(
+        Duration::from_secs(2),
+        "reading to the end of a closed connection",
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    if read.is_ok() {
+        assert!(
+            rest.is_empty(),
+            "unexpected bytes after the response: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+/// A loopback address nothing listens on: a port bound then released.
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A loopback listener that never accepts, with its accept queue filled: the kernel
+/// drops new SYNs, so a connect to it neither succeeds nor fails until the client gives
+/// up. Keep the returned values alive for as long as the address must stay silent.
+pub async fn unanswering_addr() -> (SocketAddr, TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            Ok(Err(e)) => panic!("connecting to fill the accept queue failed: {e}"),
+            Err(_) => return (addr, listener, queued),
+        }
+    }
+    panic!("the accept queue of a listen(1) socket never filled: SYNs are not dropped here");
+}
+
+/// The string value of `"key":"..."` in a flat JSON object (no unescaping).
+pub fn json_str(json: &str, key: &str) -> Option<String> {
+    let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let rest = &json[start..];
+    let mut end = 0;
+    let bytes = rest.as_bytes();
+    while end < bytes.len() {
+        match bytes[end] {
+            b'\\' => end += 2,
+            b'"' => return Some(rest[..end].to_string()),
+            _ => end += 1,
+        }
+    }
+    None
+}
+
+/// An endless response body: `piece`, then another every `every` (an upstream that
+/// streams slowly forever). It stops when the receiving side goes away.
+pub fn trickle_stream(piece: &'static [u8], every: Duration) -> MockBody {
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        loop {
+            if tx.send(Bytes::from_static(piece)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    ChannelBody(rx).boxed()
+}
+
+/// How a [`watched_stream`] producer ended.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamEnd {
+    /// Bytes handed to the response body.
+    pub produced: u64,
+    /// Whether the response body was dropped before the end (its connection failed).
+    pub cut: bool,
+    pub at: tokio::time::Instant,
+}
+
+/// Like [`counted_stream`], and reports on `ended` how and when the producer stopped.
+pub fn watched_stream(
+    total: u64,
+    chunk: usize,
+    seen: Arc<Recorded>,
+    ended: mpsc::UnboundedSender<StreamEnd>,
+) -> MockBody {
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let mut offset = 0u64;
+        let mut cut = false;
+        while offset < total {
+            let len = chunk.min((total - offset) as usize);
+            let data: Vec<u8> = (offset..offset + len as u64).map(pattern).collect();
+            if tx.send(Bytes::from(data)).await.is_err() {
+                cut = true;
+                break;
+            }
+            seen.produced.fetch_add(len as u64, Ordering::SeqCst);
+            offset += len as u64;
+        }
+        let _ = ended.send(StreamEnd {
+            produced: offset,
+            cut,
+            at: tokio::time::Instant::now(),
+        });
+    });
+    ChannelBody(rx).boxed()
 }
