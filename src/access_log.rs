@@ -21,6 +21,8 @@ use tokio::time::Instant;
 
 use crate::config::{AccessLogFormat, AccessLogTarget, LogConfig};
 use crate::escape;
+use crate::metrics::RouteMetrics;
+use crate::route::Route;
 
 /// Where access lines go.
 pub struct AccessLog {
@@ -104,6 +106,8 @@ pub struct Exchange {
     pub upstream: Option<Arc<str>>,
     pub status: u16,
     pub bytes_sent: u64,
+    /// The route's counters, fed when the exchange ends.
+    metrics: Option<Arc<RouteMetrics>>,
     /// How long the upstream took to send its response head.
     pub response_header_after: Option<Duration>,
     /// Why the transfer was cut short, if it was.
@@ -132,9 +136,22 @@ impl Exchange {
             upstream: None,
             status: 0,
             bytes_sent: 0,
+            metrics: None,
             response_header_after: None,
             outcome: None,
         })
+    }
+
+    /// The route is known: name it in the log and count the exchange in its metrics.
+    pub fn enter_route(&mut self, route: &Route) {
+        self.route = route.name.clone();
+        route.metrics.in_flight.inc();
+        self.metrics = Some(route.metrics.clone());
+    }
+
+    /// The route's counters, once the route is known.
+    pub fn metrics(&self) -> Option<&RouteMetrics> {
+        self.metrics.as_deref()
     }
 
     pub fn abort(&mut self, reason: String) {
@@ -227,6 +244,18 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.in_flight.dec();
+            m.record_status(self.status);
+            m.total_seconds.observe(self.started.elapsed());
+            if let Some(head) = self.response_header_after {
+                m.response_header_seconds.observe(head);
+            }
+            m.bytes_sent.add(self.bytes_sent);
+            if self.outcome.is_some() {
+                m.aborted.inc();
+            }
+        }
         let log = self.log.clone();
         log.write(self);
     }

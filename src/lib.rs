@@ -8,6 +8,8 @@
 //!    route needs the operation name) → **admit** (body limits) → **forward** (an
 //!    [`upstream`] pooled connection, under the connect, upload-idle and
 //!    response-header timers) → **respond** (headers rewritten, body streamed).
+//!    Static routes skip forwarding: [`static_files`] answers from disk. Either answer
+//!    may then be compressed on the fly by [`compress`].
 //! 3. [`body`] streams both directions with backpressure and keeps the idle and total
 //!    timers running after the head is sent, aborting the transfer when one fires.
 //! 4. [`access_log`] writes the exchange when its response body is done.
@@ -15,10 +17,14 @@
 //! Everything per-route comes from [`config`], validated once at start-up.
 
 pub mod access_log;
+pub mod apache_import;
 pub mod body;
+pub mod budget;
+pub mod compress;
 pub mod config;
 mod escape;
 pub mod graphql;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;

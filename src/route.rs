@@ -12,6 +12,8 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{Config, MatchConfig, RouteSettings, Serve, UpstreamConfig};
+use crate::metrics::RouteMetrics;
+use crate::proxy::admit::RouteGate;
 
 /// One route, as the request path uses it.
 #[derive(Debug)]
@@ -21,7 +23,23 @@ pub struct Route {
     pub settings: RouteSettings,
     /// Forwarded, or served from disk.
     pub serve: Serve,
+    /// The route's concurrency cap and per-client limits, live.
+    pub gate: RouteGate,
+    pub metrics: Arc<RouteMetrics>,
     matcher: MatchConfig,
+}
+
+impl Route {
+    fn build(name: &str, settings: &RouteSettings, serve: Serve, matcher: MatchConfig) -> Route {
+        Route {
+            name: Arc::from(name),
+            gate: RouteGate::new(settings),
+            metrics: Arc::new(RouteMetrics::default()),
+            settings: settings.clone(),
+            serve,
+            matcher,
+        }
+    }
 }
 
 impl Route {
@@ -96,21 +114,16 @@ impl RouteTable {
         let routes = config
             .routes
             .iter()
-            .map(|r| Route {
-                name: Arc::from(r.name.as_str()),
-                settings: r.settings.clone(),
-                serve: r.serve.clone(),
-                matcher: r.matcher.clone(),
-            })
+            .map(|r| Route::build(&r.name, &r.settings, r.serve.clone(), r.matcher.clone()))
             .collect();
         RouteTable {
             routes,
-            fallback: Route {
-                name: Arc::from("(defaults)"),
-                settings: config.defaults.clone(),
-                serve: Serve::Proxy,
-                matcher: MatchConfig::default(),
-            },
+            fallback: Route::build(
+                "(defaults)",
+                &config.defaults,
+                Serve::Proxy,
+                MatchConfig::default(),
+            ),
         }
     }
 
@@ -171,7 +184,7 @@ impl RouteTable {
                 }
                 Serve::Proxy => upstreams
                     .get(s.upstream)
-                    .map(|u| format!("{} ({})", u.name, u.address))
+                    .map(|u| format!("{} ({})", u.name, u.describe_servers()))
                     .unwrap_or_default(),
             };
             let position = if i < self.routes.len() {

@@ -11,20 +11,30 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::BodyError;
+use super::{BodyError, FileStream};
 use crate::access_log::Exchange;
+use crate::compress::Compressed;
+use crate::config::Compression;
 use crate::upstream::PooledConnection;
 
-/// What the client receives: a short generated body or the upstream's stream. It
-/// carries the exchange's log record, written when the body is done or dropped.
+/// What the client receives: a short generated body, the upstream's stream or a file,
+/// possibly compressed on the way. It carries the exchange's log record, written when
+/// the body is done or dropped, with the bytes actually sent (compressed ones).
 pub struct ResponseBody {
     kind: Kind,
     exchange: Option<Box<Exchange>>,
+    /// Whatever must live exactly as long as the transfer: the upstream slot, the
+    /// route's and the client's places under their limits, the status-page entry.
+    held: Vec<Box<dyn Send + Sync>>,
 }
 
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamStream>),
+    File(Box<FileStream>),
+    /// Another body without its log record: the record stays outside and counts the
+    /// compressed bytes.
+    Compressed(Box<Compressed<ResponseBody>>),
 }
 
 impl ResponseBody {
@@ -33,6 +43,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             exchange: None,
+            held: Vec::new(),
         }
     }
 
@@ -40,7 +51,32 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(Box::new(stream)),
             exchange: None,
+            held: Vec::new(),
         }
+    }
+
+    pub fn file(stream: FileStream) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::File(Box::new(stream)),
+            exchange: None,
+            held: Vec::new(),
+        }
+    }
+
+    /// This body, compressed as it streams.
+    pub fn compressed(mut self, coding: Compression) -> ResponseBody {
+        let exchange = self.exchange.take();
+        ResponseBody {
+            kind: Kind::Compressed(Box::new(Compressed::new(self, coding))),
+            exchange,
+            held: Vec::new(),
+        }
+    }
+
+    /// Keeps `guard` alive until this body is done or dropped.
+    pub fn hold(mut self, guard: Box<dyn Send + Sync>) -> ResponseBody {
+        self.held.push(guard);
+        self
     }
 
     /// Attaches the log record; it is written when this body is dropped.
@@ -51,6 +87,13 @@ impl ResponseBody {
 
     fn record_abort(&mut self, error: &BodyError) {
         if let Some(ex) = self.exchange.as_deref_mut() {
+            if let Some(m) = ex.metrics() {
+                match error {
+                    BodyError::UpstreamIdle(_) => m.timeouts[2].inc(),
+                    BodyError::TotalElapsed(_) => m.timeouts[3].inc(),
+                    _ => {}
+                }
+            }
             tracing::warn!(
                 route = %ex.route,
                 request_id = ?ex.request_id,
@@ -75,6 +118,8 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(stream) => stream.poll_data(cx),
+            Kind::File(file) => file.poll_data(cx),
+            Kind::Compressed(body) => Pin::new(body.as_mut()).poll_frame(cx),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -92,6 +137,8 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(stream) => stream.inner.is_end_stream(),
+            Kind::File(file) => file.remaining() == 0,
+            Kind::Compressed(body) => body.is_end_stream(),
         }
     }
 
@@ -99,6 +146,8 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(stream) => stream.inner.size_hint(),
+            Kind::File(file) => SizeHint::with_exact(file.remaining()),
+            Kind::Compressed(body) => body.size_hint(),
         }
     }
 }
@@ -159,6 +208,13 @@ impl UpstreamStream {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         self.idle_armed = false;
+                        // hyper stops polling once `is_end_stream` is true (the last
+                        // frame of a Content-Length body), so the end is noticed here,
+                        // not on a poll that never comes; dropped unreleased, the
+                        // connection would be aborted instead of pooled.
+                        if self.inner.is_end_stream() {
+                            self.release_connection();
+                        }
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }
                     // Upstream trailers are dropped: clients of an HTTP/1.1 proxy did not ask for them.

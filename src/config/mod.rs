@@ -18,8 +18,10 @@ use toml::Spanned;
 
 use std::sync::Arc;
 
-use raw::{RawCompress, RawConfig, RawMatch, RawRoute, RawStatic, RawTimeouts, RawUpstream};
-pub use units::{Size, Timer};
+use raw::{
+    RawCompress, RawConfig, RawHealthCheck, RawMatch, RawRoute, RawStatic, RawTimeouts, RawUpstream,
+};
+pub use units::{Cidr, Rate, Size, Timer};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,15 @@ pub struct Config {
     /// In match order: the first route whose matchers all match wins.
     pub routes: Vec<RouteConfig>,
     pub maintenance: Option<MaintenanceConfig>,
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin listener: metrics, health, live state and the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Who may connect; loopback only unless configured.
+    pub allow: Vec<Cidr>,
 }
 
 /// The maintenance switch: while on, requests under `path_prefix` get the page with 503.
@@ -94,6 +105,8 @@ pub struct ServerConfig {
     pub graphql_peek_limit: usize,
     pub acme_challenge_root: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
+    /// Proxies whose `X-Forwarded-For` is believed; everyone else's is replaced.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,13 +154,87 @@ impl std::fmt::Display for UpstreamAddress {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub name: String,
-    pub address: UpstreamAddress,
+    /// One or more servers (Gunicorn instances) serving the same application.
+    pub servers: Vec<UpstreamAddress>,
+    pub balance: Balance,
+    /// Requests in flight at once per server: Gunicorn's worker count. More wait in
+    /// the proxy's queue, where they can be seen and timed out, not in the backlog.
+    pub max_connections: Option<usize>,
+    /// Requests allowed to wait for a free slot; more get 503 at once.
+    pub max_queue: usize,
+    /// The longest a request waits in the queue before it gets 503.
+    pub queue_timeout: Duration,
+    /// Gunicorn's `--timeout`: used to recognise a killed worker and to warn in `check`.
+    pub worker_timeout: Option<Duration>,
+    pub health_check: Option<HealthCheckConfig>,
+    /// Failures (connect errors, dropped connections, 502/503/504) within
+    /// `fail_timeout` that take a server out for `fail_timeout`.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
     /// Forward the client's `Host` instead of the upstream's address (Apache `ProxyPreserveHost`).
     pub preserve_host: bool,
     /// An idle pooled connection is dropped after this; keep it below the upstream's own
     /// keep-alive so we never reuse a connection the upstream is closing.
     pub keepalive_timeout: Duration,
     pub max_idle_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// The server with the fewest requests in flight (best for slow, uneven requests).
+    LeastOutstanding,
+    RoundRobin,
+}
+
+/// An active health check: `GET path` every `interval`; a 2xx or 3xx within `timeout`
+/// is healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// What happens to a request over a route's `max_concurrent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLimit {
+    /// Wait (up to the upstream's `queue_timeout`) for one to finish.
+    Queue,
+    /// Answer 503 with Retry-After at once.
+    Reject,
+}
+
+/// Per-route limits on concurrency and on each client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLimits {
+    pub max_concurrent: Option<usize>,
+    pub on_limit: OnLimit,
+    pub client_max_concurrent: Option<u32>,
+    pub client_rate: Option<Rate>,
+}
+
+impl RouteLimits {
+    pub const NONE: RouteLimits = RouteLimits {
+        max_concurrent: None,
+        on_limit: OnLimit::Queue,
+        client_max_concurrent: None,
+        client_rate: None,
+    };
+}
+
+/// Apache's `Require ip`: a client in `deny` is refused; when `allow` is not empty, only
+/// clients in it are let in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessRules {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+}
+
+impl AccessRules {
+    pub fn permits(&self, client: std::net::IpAddr) -> bool {
+        !self.deny.iter().any(|c| c.contains(client))
+            && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(client)))
+    }
 }
 
 /// The four upstream timers of a route.
@@ -179,6 +266,8 @@ pub struct RouteSettings {
     pub max_request_body: Size,
     /// Response compression; `None` leaves bodies as they are.
     pub compress: Option<Arc<CompressConfig>>,
+    pub limits: RouteLimits,
+    pub access: Option<Arc<AccessRules>>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +406,8 @@ impl Validator<'_> {
                 .max_request_body
                 .unwrap_or(Size(Some(DEFAULT_MAX_REQUEST_BODY))),
             compress: self.compress(raw.defaults.compress.as_ref())?,
+            limits: RouteLimits::NONE,
+            access: None,
         };
         let mut routes = Vec::with_capacity(raw.routes.len());
         for route in &raw.routes {
@@ -340,6 +431,7 @@ impl Validator<'_> {
             defaults,
             routes,
             maintenance: self.maintenance(&raw)?,
+            admin: self.admin(&raw)?,
         })
     }
 
@@ -439,6 +531,13 @@ impl Validator<'_> {
             graphql_peek_limit: peek_limit,
             acme_challenge_root: s.acme_challenge_root.as_deref().map(|r| self.resolve(r)),
             tls: self.tls(raw)?,
+            trusted_proxies: match &s.trusted_proxies {
+                None => vec![
+                    Cidr::parse("127.0.0.0/8").expect("a valid range"),
+                    Cidr::parse("::1").expect("a valid address"),
+                ],
+                Some(list) => self.cidrs(Some(list))?,
+            },
         })
     }
 
@@ -486,15 +585,10 @@ impl Validator<'_> {
     fn upstreams(&self, raw: &RawConfig) -> Result<Vec<UpstreamConfig>, ConfigError> {
         if raw.upstreams.is_empty() {
             let (name, address) = DEFAULT_UPSTREAM;
-            return Ok(vec![UpstreamConfig {
-                name: name.into(),
-                address: UpstreamAddress::Tcp {
-                    authority: address.into(),
-                },
-                preserve_host: false,
-                keepalive_timeout: Duration::from_secs(1),
-                max_idle_connections: 32,
-            }]);
+            let server = UpstreamAddress::Tcp {
+                authority: address.into(),
+            };
+            return Ok(vec![UpstreamConfig::single(name, server)]);
         }
         raw.upstreams
             .iter()
@@ -508,11 +602,54 @@ impl Validator<'_> {
         up: &Spanned<RawUpstream>,
     ) -> Result<UpstreamConfig, ConfigError> {
         let raw = up.get_ref();
-        let address = parse_upstream_address(raw.address.get_ref())
-            .map_err(|m| self.at.error(raw.address.span(), m))?;
+        let servers = match (&raw.address, &raw.servers) {
+            (Some(address), None) => vec![parse_upstream_address(address.get_ref())
+                .map_err(|m| self.at.error(address.span(), m))?],
+            (None, Some(list)) if !list.get_ref().is_empty() => list
+                .get_ref()
+                .iter()
+                .map(|a| parse_upstream_address(a))
+                .collect::<Result<_, _>>()
+                .map_err(|m| self.at.error(list.span(), m))?,
+            _ => {
+                return Err(self.at.error(
+                    up.span(),
+                    format!("upstream `{name}` needs `address = \"host:port\"` or `servers = [\"host:port\", ...]` (not both)"),
+                ))
+            }
+        };
+        let balance = match &raw.balance {
+            None => Balance::LeastOutstanding,
+            Some(b) => match b.get_ref().as_str() {
+                "least_outstanding" => Balance::LeastOutstanding,
+                "round_robin" => Balance::RoundRobin,
+                other => {
+                    return Err(self.at.error(
+                        b.span(),
+                        format!(
+                        "unknown balance `{other}`: use \"least_outstanding\" or \"round_robin\""
+                    ),
+                    ))
+                }
+            },
+        };
+        if let Some(max) = raw.max_connections.as_ref().filter(|m| *m.get_ref() == 0) {
+            return Err(self.at.error(
+                max.span(),
+                "`max_connections` must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
         Ok(UpstreamConfig {
             name: name.to_string(),
-            address,
+            servers,
+            balance,
+            max_connections: raw.max_connections.as_ref().map(|m| *m.get_ref()),
+            max_queue: raw.max_queue.unwrap_or(1000),
+            queue_timeout: raw.queue_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            worker_timeout: raw.worker_timeout.map(|d| d.0),
+            health_check: raw.health_check.as_ref().map(|h| health_check(h.get_ref())),
+            max_fails: raw.max_fails.unwrap_or(3),
+            fail_timeout: raw.fail_timeout.map_or(Duration::from_secs(10), |d| d.0),
             preserve_host: raw.preserve_host,
             // Gunicorn's own --keep-alive defaults to 2 s: stay under it.
             keepalive_timeout: raw
@@ -576,9 +713,75 @@ impl Validator<'_> {
                 timeouts: defaults.timeouts.overridden_by(&raw.timeouts),
                 max_request_body: raw.max_request_body.unwrap_or(defaults.max_request_body),
                 compress,
+                limits: self.limits(raw)?,
+                access: self.access(raw)?,
             },
             serve,
         })
+    }
+
+    fn limits(&self, raw: &RawRoute) -> Result<RouteLimits, ConfigError> {
+        let on_limit = match &raw.on_limit {
+            None => OnLimit::Queue,
+            Some(v) => match v.get_ref().as_str() {
+                "queue" => OnLimit::Queue,
+                "reject" => OnLimit::Reject,
+                other => {
+                    return Err(self.at.error(
+                        v.span(),
+                        format!("unknown on_limit `{other}`: use \"queue\" or \"reject\""),
+                    ))
+                }
+            },
+        };
+        let client_rate = match &raw.client_rate {
+            None => None,
+            Some(r) => Some(Rate::parse(r.get_ref()).map_err(|m| self.at.error(r.span(), m))?),
+        };
+        Ok(RouteLimits {
+            max_concurrent: raw.max_concurrent.filter(|n| *n > 0),
+            on_limit,
+            client_max_concurrent: raw.client_max_concurrent.filter(|n| *n > 0),
+            client_rate,
+        })
+    }
+
+    fn access(&self, raw: &RawRoute) -> Result<Option<Arc<AccessRules>>, ConfigError> {
+        if raw.allow.is_none() && raw.deny.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(AccessRules {
+            allow: self.cidrs(raw.allow.as_ref())?,
+            deny: self.cidrs(raw.deny.as_ref())?,
+        })))
+    }
+
+    fn cidrs(&self, list: Option<&Spanned<Vec<String>>>) -> Result<Vec<Cidr>, ConfigError> {
+        let Some(list) = list else {
+            return Ok(Vec::new());
+        };
+        list.get_ref()
+            .iter()
+            .map(|c| Cidr::parse(c))
+            .collect::<Result<_, _>>()
+            .map_err(|m| self.at.error(list.span(), m))
+    }
+
+    fn admin(&self, raw: &RawConfig) -> Result<Option<AdminConfig>, ConfigError> {
+        let Some(admin) = &raw.admin else {
+            return Ok(None);
+        };
+        let a = admin.get_ref();
+        let listen =
+            parse_listen(a.listen.get_ref()).map_err(|m| self.at.error(a.listen.span(), m))?;
+        let allow = match &a.allow {
+            None => vec![
+                Cidr::parse("127.0.0.0/8").expect("a valid range"),
+                Cidr::parse("::1").expect("a valid address"),
+            ],
+            Some(list) => self.cidrs(Some(list))?,
+        };
+        Ok(Some(AdminConfig { listen, allow }))
     }
 
     fn static_files(&self, raw: &Spanned<RawStatic>) -> Result<StaticConfig, ConfigError> {
@@ -714,6 +917,41 @@ impl Validator<'_> {
     }
 }
 
+fn health_check(raw: &RawHealthCheck) -> HealthCheckConfig {
+    HealthCheckConfig {
+        path: raw.path.clone(),
+        interval: raw.interval.map_or(Duration::from_secs(5), |d| d.0),
+        timeout: raw.timeout.map_or(Duration::from_secs(2), |d| d.0),
+    }
+}
+
+impl UpstreamConfig {
+    /// One server with every other setting at its default.
+    pub fn single(name: &str, server: UpstreamAddress) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.into(),
+            servers: vec![server],
+            balance: Balance::LeastOutstanding,
+            max_connections: None,
+            max_queue: 1000,
+            queue_timeout: Duration::from_secs(30),
+            worker_timeout: None,
+            health_check: None,
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+            preserve_host: false,
+            keepalive_timeout: Duration::from_secs(1),
+            max_idle_connections: 32,
+        }
+    }
+
+    /// The servers as the config wrote them, for messages.
+    pub fn describe_servers(&self) -> String {
+        let servers: Vec<String> = self.servers.iter().map(|s| s.to_string()).collect();
+        servers.join(", ")
+    }
+}
+
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| {
         format!("invalid listen address `{text}`: write it as IP:port, like \"127.0.0.1:8088\" or \"[::]:80\"")
@@ -782,7 +1020,7 @@ mod tests {
     fn empty_config_gets_geonature_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.server.listen, vec!["127.0.0.1:8088".parse().unwrap()]);
-        assert_eq!(c.upstreams[0].address.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.upstreams[0].describe_servers(), "127.0.0.1:8080");
         assert_eq!(c.defaults.timeouts, DEFAULT_TIMEOUTS);
         assert_eq!(c.defaults.max_request_body, Size(Some(1 << 30)));
     }

@@ -25,6 +25,14 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     pub maintenance: Option<Spanned<RawMaintenance>>,
+    pub admin: Option<Spanned<RawAdmin>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Spanned<String>,
+    pub allow: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +47,8 @@ pub struct RawServer {
     /// Served at `/.well-known/acme-challenge/` on every listener (certbot --webroot).
     pub acme_challenge_root: Option<String>,
     pub tls: Option<Spanned<RawTls>>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,11 +82,28 @@ pub struct RawLog {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub address: Spanned<String>,
+    pub address: Option<Spanned<String>>,
+    pub servers: Option<Spanned<Vec<String>>>,
+    pub balance: Option<Spanned<String>>,
     #[serde(default)]
     pub preserve_host: bool,
     pub keepalive_timeout: Option<RequiredDuration>,
     pub max_idle_connections: Option<usize>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub max_queue: Option<usize>,
+    pub queue_timeout: Option<RequiredDuration>,
+    pub worker_timeout: Option<RequiredDuration>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub max_fails: Option<u32>,
+    pub fail_timeout: Option<RequiredDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: String,
+    pub interval: Option<RequiredDuration>,
+    pub timeout: Option<RequiredDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +139,12 @@ pub struct RawRoute {
     /// Serve files from disk instead of forwarding.
     #[serde(rename = "static")]
     pub static_files: Option<Spanned<RawStatic>>,
+    pub max_concurrent: Option<usize>,
+    pub on_limit: Option<Spanned<String>>,
+    pub allow: Option<Spanned<Vec<String>>>,
+    pub deny: Option<Spanned<Vec<String>>>,
+    pub client_max_concurrent: Option<u32>,
+    pub client_rate: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -146,9 +146,122 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// An address range like `10.0.0.0/8` or `2001:db8::/32`; a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let text = text.trim();
+        let invalid = || {
+            format!("invalid address or range `{text}`; write it like \"192.0.2.7\", \"10.0.0.0/8\" or \"::1\"")
+        };
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| invalid())?)),
+            None => (text, None),
+        };
+        let network: std::net::IpAddr = address.parse().map_err(|_| invalid())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(invalid());
+        }
+        Ok(Cidr { network, prefix })
+    }
+
+    /// Whether `ip` is in the range; IPv4 clients seen through a dual-stack socket
+    /// (`::ffff:a.b.c.d`) count as their IPv4 address.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// A request rate like `10/m`: at most `requests` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let invalid =
+            || format!("invalid rate `{text}`; write it like \"10/m\", \"2/s\" or \"100/h\"");
+        let (count, unit) = text.trim().split_once('/').ok_or_else(invalid)?;
+        let requests: u32 = count.trim().parse().map_err(|_| invalid())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(invalid()),
+        };
+        if requests == 0 {
+            return Err(invalid());
+        }
+        Ok(Rate { requests, per })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidr_ranges_match_v4_v6_and_mapped_addresses() {
+        let lan = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(lan.contains("10.200.3.4".parse().unwrap()));
+        assert!(!lan.contains("11.0.0.1".parse().unwrap()));
+        assert!(lan.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("203.0.113.9".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("localhost").is_err());
+    }
+
+    #[test]
+    fn rates_accept_per_second_minute_hour() {
+        assert_eq!(
+            Rate::parse("10/m").unwrap(),
+            Rate {
+                requests: 10,
+                per: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(Rate::parse("2/s").unwrap().per, Duration::from_secs(1));
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("10").is_err());
+    }
 
     #[test]
     fn durations_accept_humantime_and_none() {

@@ -12,17 +12,19 @@ use http::{Response, StatusCode};
 use crate::body::ResponseBody;
 use crate::config::units::human_bytes;
 use crate::escape;
-use crate::upstream::ConnectError;
+use crate::upstream::{AdmitError, ConnectError};
+
+use super::admit::Refusal;
 
 use super::headers::X_REQUEST_ID;
 
 /// The four per-route upstream timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerKind {
-    Connect,
-    ResponseHeader,
-    Idle,
-    Total,
+    Connect = 0,
+    ResponseHeader = 1,
+    Idle = 2,
+    Total = 3,
 }
 
 impl TimerKind {
@@ -61,6 +63,13 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("the client stopped sending its request body before the end")]
     ClientAborted,
+    #[error("{refusal}")]
+    Refused {
+        refusal: Refusal,
+        retry_after: Duration,
+    },
+    #[error("{0}; the request was not sent, try again later")]
+    Unavailable(AdmitError, Duration),
 }
 
 fn timeout_message(timer: TimerKind, limit: Duration) -> String {
@@ -92,6 +101,28 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientAborted => StatusCode::BAD_REQUEST,
+            ProxyError::Refused { refusal, .. } => match refusal {
+                Refusal::Forbidden => StatusCode::FORBIDDEN,
+                Refusal::ClientConcurrency(_) | Refusal::ClientRate(..) => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
+                Refusal::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            ProxyError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// When the client may try again, for `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::Refused {
+                refusal: Refusal::Forbidden,
+                ..
+            } => None,
+            ProxyError::Refused { retry_after, .. } | ProxyError::Unavailable(_, retry_after) => {
+                Some(*retry_after)
+            }
+            _ => None,
         }
     }
 
@@ -107,6 +138,15 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",
             ProxyError::BodyTooLarge { .. } => "request_body_too_large",
             ProxyError::ClientAborted => "client_aborted",
+            ProxyError::Refused { refusal, .. } => match refusal {
+                Refusal::Forbidden => "forbidden",
+                Refusal::ClientConcurrency(_) => "client_concurrency_limit",
+                Refusal::ClientRate(..) => "client_rate_limit",
+                Refusal::RouteBusy(_) => "route_busy",
+            },
+            ProxyError::Unavailable(AdmitError::QueueFull(_), _) => "upstream_queue_full",
+            ProxyError::Unavailable(AdmitError::QueueTimeout(_), _) => "upstream_queue_timeout",
+            ProxyError::Unavailable(AdmitError::NoHealthyServer, _) => "no_healthy_server",
         }
     }
 
@@ -156,6 +196,11 @@ pub fn error_response(error: &ProxyError, ctx: &ErrorContext<'_>) -> Response<Re
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if error.closes_connection() {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(after) = error.retry_after() {
+        // Whole seconds, rounded up: "0" would invite an immediate retry.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
     response
 }

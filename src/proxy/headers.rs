@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::config::Cidr;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -58,11 +60,12 @@ pub fn wants_close(headers: &HeaderMap) -> bool {
 
 /// What the forwarded headers say about the client side of the exchange.
 pub struct Forwarded<'a> {
-    pub client: IpAddr,
+    /// The TCP peer: the client, or a proxy in front of us.
+    pub peer: IpAddr,
+    /// Whether the peer is one of `trusted_proxies`, whose `X-Forwarded-*` we keep.
+    pub peer_trusted: bool,
     pub scheme: &'static str,
     pub server_name: &'a HeaderValue,
-    /// The upstream's own `host:port`, sent as `Host` unless the client's is preserved.
-    pub upstream_host: Option<&'a HeaderValue>,
 }
 
 /// Rewrites a client request's headers for the upstream.
@@ -70,17 +73,26 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_i
     strip_hop_by_hop(headers);
     // We answer `Expect: 100-continue` ourselves when we start reading the body.
     headers.remove(header::EXPECT);
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    let keep = |headers: &HeaderMap, name: &HeaderName| {
+        forwarded.peer_trusted && headers.contains_key(name)
+    };
+    if !keep(headers, &X_FORWARDED_HOST) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
     }
-    if let Some(upstream_host) = forwarded.upstream_host {
-        headers.insert(header::HOST, upstream_host.clone());
+    if !forwarded.peer_trusted {
+        // An untrusted client's claims about where it comes from are dropped, not extended.
+        headers.remove(&X_FORWARDED_FOR);
     }
-    append_forwarded_for(headers, forwarded.client);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(forwarded.scheme),
-    );
+    append_forwarded_for(headers, forwarded.peer);
+    if !keep(headers, &X_FORWARDED_PROTO) {
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(forwarded.scheme),
+        );
+    }
     headers.insert(X_FORWARDED_SERVER.clone(), forwarded.server_name.clone());
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
@@ -98,6 +110,29 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
+}
+
+/// The address the request really comes from: the peer, unless the peer is a trusted
+/// proxy, in which case the right-most untrusted address of `X-Forwarded-For`.
+pub fn real_client(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let chain: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|ip| ip.trim().parse::<IpAddr>().ok())
+        .collect();
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(**ip))
+        .or(chain.first())
+        .copied()
+        .unwrap_or(peer)
 }
 
 /// Rewrites the upstream's response headers for the client.
@@ -220,20 +255,60 @@ mod tests {
     fn forwarded_headers_follow_apache() {
         let mut h = headers(&[("host", "geonature.fr"), ("x-forwarded-for", "10.0.0.1")]);
         let server = HeaderValue::from_static("proxy-host");
-        let upstream = HeaderValue::from_static("127.0.0.1:8080");
         let f = Forwarded {
-            client: "192.0.2.1".parse().unwrap(),
+            peer: "192.0.2.1".parse().unwrap(),
+            peer_trusted: true,
             scheme: "https",
             server_name: &server,
-            upstream_host: Some(&upstream),
         };
         to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
-        assert_eq!(h["host"], "127.0.0.1:8080");
+        assert_eq!(
+            h["host"], "geonature.fr",
+            "Host is set per server by the forward phase"
+        );
         assert_eq!(h["x-forwarded-host"], "geonature.fr");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-server"], "proxy-host");
         assert_eq!(h["x-request-id"], "id1");
+    }
+
+    #[test]
+    fn forwarded_claims_of_untrusted_clients_are_replaced() {
+        let mut h = headers(&[
+            ("host", "gn.fr"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let server = HeaderValue::from_static("proxy-host");
+        let f = Forwarded {
+            peer: "203.0.113.5".parse().unwrap(),
+            peer_trusted: false,
+            scheme: "http",
+            server_name: &server,
+        };
+        to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
+        assert_eq!(h["x-forwarded-for"], "203.0.113.5");
+        assert_eq!(h["x-forwarded-host"], "gn.fr");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn the_real_client_is_the_rightmost_untrusted_forwarded_address() {
+        let trusted = [
+            Cidr::parse("127.0.0.0/8").unwrap(),
+            Cidr::parse("10.0.0.0/8").unwrap(),
+        ];
+        let h = headers(&[("x-forwarded-for", "198.51.100.9, 6.6.6.6, 10.1.1.1")]);
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            real_client(&h, local, &trusted),
+            "6.6.6.6".parse::<IpAddr>().unwrap()
+        );
+        let outsider: IpAddr = "203.0.113.5".parse().unwrap();
+        assert_eq!(real_client(&h, outsider, &trusted), outsider);
+        assert_eq!(real_client(&HeaderMap::new(), local, &trusted), local);
     }
 
     #[test]

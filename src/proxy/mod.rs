@@ -10,12 +10,13 @@
 //!    total timers running; or, on failure, a generated 4xx/5xx that explains itself;
 //! 5. **log**: written when the response body is done or dropped (see `access_log`).
 
+pub mod admit;
 mod early;
 pub mod error;
+mod forward;
 pub mod headers;
 
-use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,17 +26,17 @@ use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
-use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Exchange};
-use crate::body::{BodyError, RequestBody, ResponseBody, UploadProgress, UpstreamStream};
-use crate::config::{Config, Serve, Timeouts};
+use crate::body::{RequestBody, ResponseBody, UploadProgress, UpstreamStream};
+use crate::compress;
+use crate::config::{Cidr, Config, Serve, Timeouts};
 use crate::graphql;
+use crate::metrics::{Live, Stage, Tracked};
 use crate::route::{Route, RouteTable, Selection};
 use crate::server::io::WriteStallLimit;
 use crate::static_files;
-use crate::upstream::{ConnectError, PooledConnection, Upstream};
+use crate::upstream::{PooledConnection, Upstream};
 
 use error::ErrorContext;
 pub use error::{ProxyError, TimerKind};
@@ -49,6 +50,23 @@ pub struct Client {
     pub write_stall: WriteStallLimit,
 }
 
+/// A request as the route phase receives it.
+struct ClientRequest<'a> {
+    parts: Parts,
+    body: Incoming,
+    client: &'a Client,
+    /// The real client: the peer, or what a trusted proxy in front says it is.
+    client_ip: IpAddr,
+    tracked: &'a Tracked,
+}
+
+/// What a request holds until its response body is done: its place under the route's
+/// cap and its count in the per-client limits.
+struct Held {
+    _client: Option<admit::ClientGuard>,
+    _route: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// Everything the request path needs, built once from a [`Config`].
 pub struct Proxy {
     routes: RouteTable,
@@ -60,6 +78,9 @@ pub struct Proxy {
     access_log: Arc<AccessLog>,
     request_ids: headers::RequestIds,
     early: early::EarlyAnswers,
+    trusted_proxies: Vec<Cidr>,
+    /// Requests in flight, for the status page.
+    pub live: Arc<Live>,
 }
 
 impl Proxy {
@@ -74,6 +95,8 @@ impl Proxy {
             access_log,
             request_ids: headers::RequestIds::new(),
             early: early::EarlyAnswers::new(config),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            live: Arc::new(Live::default()),
         }
     }
 
@@ -94,58 +117,98 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         authority_as_host(&mut parts);
         let request_id = self.request_ids.for_request(&parts.headers);
-        let mut exchange = Exchange::begin(
-            self.access_log.clone(),
-            &parts,
-            client.addr.ip(),
-            request_id,
-        );
+        let client_ip =
+            headers::real_client(&parts.headers, client.addr.ip(), &self.trusted_proxies);
+        let mut exchange = Exchange::begin(self.access_log.clone(), &parts, client_ip, request_id);
+        let live = self.live.track(client_ip, &parts.method, parts.uri.path());
         let wants_json = error::prefers_json(&parts.headers, parts.uri.path());
         let mut response = match self.early.answer(&parts, client.scheme).await {
             Some((name, response)) => {
                 exchange.route = Arc::from(name);
                 response
             }
-            None => match self.proxy(parts, body, client, &mut exchange).await {
-                Ok(response) => response,
-                Err(failure) => self.explain(&failure, &exchange, wants_json),
-            },
+            None => {
+                let request = ClientRequest {
+                    parts,
+                    body,
+                    client,
+                    client_ip,
+                    tracked: &live.tracked,
+                };
+                match self.proxy(request, &mut exchange).await {
+                    Ok(response) => response,
+                    Err(failure) => self.explain(&failure, &exchange, wants_json),
+                }
+            }
         };
         self.early.decorate(client.scheme, response.headers_mut());
         exchange.status = response.status().as_u16();
-        response.map(|body| body.logged(exchange))
+        live.tracked.set_stage(Stage::Streaming);
+        response.map(|body| body.logged(exchange).hold(Box::new(live)))
     }
 
     async fn proxy(
         &self,
-        parts: Parts,
-        mut body: Incoming,
-        client: &Client,
+        request: ClientRequest<'_>,
         exchange: &mut Exchange,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let ClientRequest {
+            parts,
+            mut body,
+            client,
+            client_ip,
+            tracked,
+        } = request;
         let (route, prefix) = self.route(&parts, &mut body).await?;
-        exchange.route = route.name.clone();
+        exchange.enter_route(route);
+        tracked.set_route(&route.name);
+        // A client that stops reading is cut off after the route's idle time, whether
+        // it reads from the upstream or from a file.
+        client.write_stall.set(route.settings.timeouts.idle.0);
+        let compression = route.settings.compress.as_deref();
+        let accepts = compress::ClientAccepts::of(&parts);
+        if let Some(access) = &route.settings.access {
+            if !access.permits(client_ip) {
+                route.metrics.forbidden.inc();
+                let refusal = admit::Refusal::Forbidden;
+                return Err(ProxyError::Refused {
+                    refusal,
+                    retry_after: Duration::ZERO,
+                });
+            }
+        }
         if let Serve::Static(site) = &route.serve {
-            return Ok(static_files::serve(site, &parts).await);
+            let mut response = static_files::serve_for_route(site, compression, &parts).await;
+            let id = exchange.request_id.clone();
+            response
+                .headers_mut()
+                .insert(headers::X_REQUEST_ID.clone(), id);
+            return Ok(compress::apply(compression, &accepts, response));
         }
         let upstream = &self.upstreams[route.settings.upstream];
         exchange.upstream = Some(upstream.name.clone());
-        client.write_stall.set(route.settings.timeouts.idle.0);
-
-        let request_body = admit(route, &parts, prefix, body)?;
+        let request_body = admit_body(route, &parts, prefix, body)?;
+        let held = admit_route(route, upstream, client_ip, tracked).await?;
         let public_host = parts.headers.get(header::HOST).cloned();
-        let (response, connection) = self
-            .forward(parts, request_body, route, upstream, client, exchange)
-            .await?;
+        let request = self.upstream_request(parts, request_body, client, &exchange.request_id);
+        let forward = forward::Forward {
+            upstream,
+            timeouts: route.settings.timeouts,
+            started: exchange.started,
+            tracked,
+        };
+        let (response, connection, slot) = forward.run(request).await?;
         exchange.response_header_after = Some(exchange.started.elapsed());
-        Ok(respond(
+        let response = respond(
             response,
             connection,
             route.settings.timeouts,
             exchange,
             upstream,
             public_host.as_ref().map(|host| (client.scheme, host)),
-        ))
+        );
+        let response = response.map(|body| body.hold(Box::new((held, slot))));
+        Ok(compress::apply(compression, &accepts, response))
     }
 
     /// Phase 1: the route, and the body bytes the GraphQL peek consumed, if any.
@@ -213,49 +276,10 @@ impl Proxy {
         Ok((graphql::operations_in_json(scanned), Some(peeked.freeze())))
     }
 
-    /// Phase 3: connect, send, and wait for the response head under the route's timers.
-    async fn forward(
-        &self,
-        parts: Parts,
-        body: RequestBody,
-        route: &Route,
-        upstream: &Arc<Upstream>,
-        client: &Client,
-        exchange: &Exchange,
-    ) -> Result<(Response<Incoming>, PooledConnection), ProxyError> {
-        let timeouts = route.settings.timeouts;
-        let timers = HeadTimers {
-            timeouts,
-            total_deadline: timeouts.total.0.map(|t| exchange.started + t),
-            progress: body.progress(),
-        };
-        let mut request =
-            self.upstream_request(parts, body, upstream, client, &exchange.request_id);
-        let mut connection = timers.connect(upstream, false).await?;
-        loop {
-            let sent_at = Instant::now();
-            let sending = connection.sender().try_send_request(request);
-            match timers.await_head(sending, sent_at).await {
-                Ok(response) => return Ok((response, connection)),
-                Err(HeadError::Failed(failure)) => return Err(failure),
-                Err(HeadError::Send(mut failed)) => match failed.take_message() {
-                    // The pooled connection was closed under us before a byte left:
-                    // the request provably never reached the upstream, send it afresh.
-                    Some(unsent) if connection.reused => {
-                        request = unsent;
-                        connection = timers.connect(upstream, true).await?;
-                    }
-                    _ => return Err(classify(failed.into_error())),
-                },
-            }
-        }
-    }
-
     fn upstream_request(
         &self,
         parts: Parts,
         body: RequestBody,
-        upstream: &Upstream,
         client: &Client,
         request_id: &HeaderValue,
     ) -> Request<RequestBody> {
@@ -264,11 +288,12 @@ impl Proxy {
         *request.uri_mut() = origin_form(&parts.uri);
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = parts.headers;
+        let peer = client.addr.ip();
         let forwarded = headers::Forwarded {
-            client: client.addr.ip(),
+            peer,
+            peer_trusted: self.trusted_proxies.iter().any(|c| c.contains(peer)),
             scheme: client.scheme,
             server_name: &self.server_name,
-            upstream_host: (!upstream.preserve_host).then_some(&upstream.host_header),
         };
         headers::to_upstream(request.headers_mut(), &forwarded, request_id);
         request
@@ -283,6 +308,14 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let elapsed = exchange.started.elapsed();
         let upstream = exchange.upstream.as_deref().unwrap_or("-");
+        if let Some(m) = exchange.metrics() {
+            if let Some((timer, _)) = failure.timer() {
+                m.timeouts[timer as usize].inc();
+            }
+            if matches!(failure, ProxyError::Unavailable(..)) {
+                m.refused.inc();
+            }
+        }
         tracing::warn!(
             route = %exchange.route,
             upstream,
@@ -318,9 +351,43 @@ fn authority_as_host(parts: &mut Parts) {
     }
 }
 
-/// Phase 2: refuse a declared body over the limit before reading any of it, and wrap
-/// the body so the limit also holds mid-stream.
-fn admit(
+/// Phase 2, limits: the per-client counters, then the route's cap (queued or refused).
+async fn admit_route(
+    route: &Route,
+    upstream: &Upstream,
+    client_ip: IpAddr,
+    tracked: &Tracked,
+) -> Result<Held, ProxyError> {
+    let client = route
+        .gate
+        .admit_client(client_ip)
+        .map_err(|(refusal, retry_after)| {
+            route.metrics.rate_limited.inc();
+            ProxyError::Refused {
+                refusal,
+                retry_after,
+            }
+        })?;
+    tracked.set_stage(Stage::Queued);
+    route.metrics.queued.inc();
+    let permit = route.gate.admit_route(upstream.queue_timeout).await;
+    route.metrics.queued.dec();
+    let permit = permit.map_err(|refusal| {
+        route.metrics.refused.inc();
+        ProxyError::Refused {
+            refusal,
+            retry_after: upstream.queue_timeout,
+        }
+    })?;
+    Ok(Held {
+        _client: client,
+        _route: permit,
+    })
+}
+
+/// Phase 2, body: refuse a declared body over the limit before reading any of it, and
+/// wrap the body so the limit also holds mid-stream.
+fn admit_body(
     route: &Route,
     parts: &Parts,
     prefix: Option<Bytes>,
@@ -360,7 +427,16 @@ fn respond(
     let (mut head, incoming) = response.into_parts();
     if headers::wants_close(&head.headers) {
         connection.forbid_reuse();
+        if head.status == http::StatusCode::INTERNAL_SERVER_ERROR {
+            // Gunicorn's answer when it kills a worker: 500 and Connection: close.
+            forward::diagnose_worker_kill(
+                upstream,
+                exchange.started.elapsed(),
+                "answered 500 and closed",
+            );
+        }
     }
+    let self_origin = connection.endpoint().self_origin.clone();
     let rewrites_location = head.headers.contains_key(header::LOCATION)
         || head.headers.contains_key(header::CONTENT_LOCATION);
     let public_origin = public
@@ -368,7 +444,7 @@ fn respond(
         .and_then(|(scheme, host)| Some(format!("{scheme}://{}", host.to_str().ok()?)));
     headers::to_client(
         &mut head.headers,
-        &upstream.self_origin,
+        &self_origin,
         public_origin.as_deref(),
         &exchange.request_id,
     );
@@ -386,169 +462,4 @@ fn origin_form(uri: &Uri) -> Uri {
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
-}
-
-enum HeadError {
-    /// hyper could not complete the exchange; it may hand the request back.
-    Send(Box<TrySendError<Request<RequestBody>>>),
-    Failed(ProxyError),
-}
-
-/// The timers that run until the response head arrives.
-struct HeadTimers {
-    timeouts: Timeouts,
-    total_deadline: Option<Instant>,
-    /// Present when a request body is being uploaded.
-    progress: Option<Arc<UploadProgress>>,
-}
-
-impl HeadTimers {
-    /// A connection under the connect timer (or what is left of the total one).
-    async fn connect(
-        &self,
-        upstream: &Arc<Upstream>,
-        fresh: bool,
-    ) -> Result<PooledConnection, ProxyError> {
-        let mut limit = self.timeouts.connect.0;
-        let mut total_is_shorter = false;
-        if let Some(deadline) = self.total_deadline {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if limit.is_none_or(|l| remaining < l) {
-                limit = Some(remaining);
-                total_is_shorter = true;
-            }
-        }
-        let connecting = if fresh {
-            upstream.connect(limit).await
-        } else {
-            upstream.checkout(limit).await
-        };
-        connecting.map_err(|e| match (e, self.timeouts.total.0) {
-            (ConnectError::Timeout(_), Some(total)) if total_is_shorter => ProxyError::Timeout {
-                timer: TimerKind::Total,
-                limit: total,
-            },
-            (e, _) => ProxyError::Connect(e),
-        })
-    }
-
-    /// Waits for the response head. While the body uploads, the idle timer watches the
-    /// silent side; once it is sent, the response-header timer runs.
-    async fn await_head<F>(
-        &self,
-        sending: F,
-        sent_at: Instant,
-    ) -> Result<Response<Incoming>, HeadError>
-    where
-        F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
-    {
-        tokio::pin!(sending);
-        loop {
-            let next = self.next_deadline(sent_at);
-            let uploading = self.progress.as_ref().filter(|p| p.finished_at().is_none());
-            let sleep_until = next.map_or_else(far_future, |(at, _)| at);
-            tokio::select! {
-                biased;
-                result = &mut sending => return result.map_err(|e| HeadError::Send(Box::new(e))),
-                _ = wait_upload_end(uploading), if uploading.is_some() => continue,
-                _ = tokio::time::sleep_until(sleep_until) => {
-                    if let Some((at, timer)) = self.next_deadline(sent_at) {
-                        if at <= Instant::now() {
-                            return Err(HeadError::Failed(self.expired(timer)));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The earliest deadline now in force, and which timer it belongs to.
-    fn next_deadline(&self, sent_at: Instant) -> Option<(Instant, TimerKind)> {
-        let phase = match &self.progress {
-            Some(p) => match p.finished_at() {
-                None => self
-                    .timeouts
-                    .idle
-                    .0
-                    .map(|idle| (p.last_chunk_at() + idle, TimerKind::Idle)),
-                Some(done) => self
-                    .timeouts
-                    .response_header
-                    .0
-                    .map(|t| (done + t, TimerKind::ResponseHeader)),
-            },
-            None => self
-                .timeouts
-                .response_header
-                .0
-                .map(|t| (sent_at + t, TimerKind::ResponseHeader)),
-        };
-        let total = self.total_deadline.map(|at| (at, TimerKind::Total));
-        match (phase, total) {
-            (Some(p), Some(t)) => Some(if t.0 <= p.0 { t } else { p }),
-            (p, t) => p.or(t),
-        }
-    }
-
-    fn expired(&self, timer: TimerKind) -> ProxyError {
-        let limit = |t: crate::config::Timer| t.0.unwrap_or_default();
-        match timer {
-            TimerKind::Idle
-                if self
-                    .progress
-                    .as_ref()
-                    .is_some_and(|p| p.waiting_on_client()) =>
-            {
-                ProxyError::ClientBodyTimeout {
-                    limit: limit(self.timeouts.idle),
-                }
-            }
-            TimerKind::Idle => ProxyError::Timeout {
-                timer,
-                limit: limit(self.timeouts.idle),
-            },
-            TimerKind::ResponseHeader => ProxyError::Timeout {
-                timer,
-                limit: limit(self.timeouts.response_header),
-            },
-            TimerKind::Total | TimerKind::Connect => ProxyError::Timeout {
-                timer: TimerKind::Total,
-                limit: limit(self.timeouts.total),
-            },
-        }
-    }
-}
-
-async fn wait_upload_end(progress: Option<&Arc<UploadProgress>>) {
-    match progress {
-        Some(p) => p.wait_finished().await,
-        None => std::future::pending().await,
-    }
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(100 * 365 * 86_400)
-}
-
-/// Maps hyper's failure to what the client is told.
-fn classify(error: hyper::Error) -> ProxyError {
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        if let Some(body) = cause.downcast_ref::<BodyError>() {
-            return match body {
-                BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
-                _ => ProxyError::ClientAborted,
-            };
-        }
-        source = cause.source();
-    }
-    if error.is_incomplete_message() || error.is_canceled() {
-        ProxyError::UpstreamClosed
-    } else if error.is_parse() || error.is_parse_status() {
-        ProxyError::InvalidResponse(error.to_string())
-    } else {
-        let detail =
-            std::error::Error::source(&error).map_or_else(String::new, |s| format!(": {s}"));
-        ProxyError::UpstreamIo(format!("{error}{detail}"))
-    }
 }

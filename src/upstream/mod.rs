@@ -1,240 +1,212 @@
-//! Upstream servers and their keep-alive connection pools.
+//! Upstreams: one or more servers of the same application, the admission queue in front
+//! of them, and the choice of server.
 //!
-//! Each pooled connection is an HTTP/1.1 hyper client connection whose I/O task runs on
-//! its own. A connection goes back to the pool only after its response body was read to
-//! the end; one dropped half-way (client gone, timer fired) is aborted so the upstream
-//! sees the cancellation and no half-read response is ever reused. Idle connections
-//! expire before the upstream's own keep-alive does, so we never race its close.
+//! Gunicorn's sync workers take one request each; a request beyond `max_connections`
+//! would wait unseen in the kernel backlog. Here it waits in a FIFO queue in the proxy
+//! instead, bounded in length (`max_queue`) and in time (`queue_timeout`), and is handed
+//! a [`Slot`] on a healthy server as soon as one frees. A slot is held until the response
+//! body is done and released on every path (end, error, timeout, client gone), since it
+//! is released when dropped.
 
-use std::io;
+mod health;
+mod pool;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::HeaderValue;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UnixStream};
-use tokio::task::AbortHandle;
+use tokio::sync::oneshot;
 
-use crate::body::RequestBody;
-use crate::config::{UpstreamAddress, UpstreamConfig};
+use crate::config::{Balance, UpstreamConfig};
+use crate::metrics::UpstreamMetrics;
+pub use pool::{ConnectError, Endpoint, PooledConnection};
 
-/// Why no connection to the upstream could be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connection refused or failed: {0}")]
-    Io(#[from] io::Error),
-    #[error("no connection within {0:?}")]
-    Timeout(Duration),
-    #[error("HTTP handshake failed: {0}")]
-    Handshake(hyper::Error),
+/// Why a request could not be given a server.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum AdmitError {
+    #[error("the upstream's queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("no server of the upstream became free within {0:?} (queue_timeout)")]
+    QueueTimeout(Duration),
+    #[error("no server of the upstream is healthy")]
+    NoHealthyServer,
 }
 
-type Sender = http1::SendRequest<RequestBody>;
-
-struct IdleConnection {
-    sender: Sender,
-    task: AbortHandle,
-    since: Instant,
-}
-
-/// One upstream: its address, how requests to it are addressed, and its idle pool.
+/// A group of servers behind one name.
 pub struct Upstream {
     pub name: Arc<str>,
-    pub address: UpstreamAddress,
-    /// The `Host` sent upstream unless the client's is preserved.
-    pub host_header: HeaderValue,
-    /// The origin a `Location` from the upstream starts with when it points at itself.
-    pub self_origin: String,
     pub preserve_host: bool,
-    keepalive_timeout: Duration,
-    max_idle: usize,
-    idle: Mutex<Vec<IdleConnection>>,
+    /// Gunicorn's `--timeout`, to recognise killed workers.
+    pub worker_timeout: Option<Duration>,
+    pub queue_timeout: Duration,
+    pub metrics: UpstreamMetrics,
+    servers: Vec<Arc<Endpoint>>,
+    balance: Balance,
+    max_connections: Option<usize>,
+    max_queue: usize,
+    next: AtomicUsize,
+    /// Requests waiting for a slot, oldest first.
+    queue: Mutex<VecDeque<oneshot::Sender<Slot>>>,
 }
 
 impl Upstream {
+    /// Builds the upstream and starts its active health checks, if any.
     pub fn new(config: &UpstreamConfig) -> Arc<Upstream> {
-        let authority = match &config.address {
-            UpstreamAddress::Tcp { authority } => authority.clone(),
-            // A Unix socket has no authority; Gunicorn accepts `localhost`.
-            UpstreamAddress::Unix(_) => "localhost".to_string(),
-        };
-        let host_header = HeaderValue::from_str(&authority)
-            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
-        Arc::new(Upstream {
+        let upstream = Arc::new(Upstream {
             name: Arc::from(config.name.as_str()),
-            address: config.address.clone(),
-            host_header,
-            self_origin: format!("http://{authority}"),
             preserve_host: config.preserve_host,
-            keepalive_timeout: config.keepalive_timeout,
-            max_idle: config.max_idle_connections,
-            idle: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// A ready connection: a fresh idle one from the pool, or a new one.
-    pub async fn checkout(
-        self: &Arc<Self>,
-        connect_timeout: Option<Duration>,
-    ) -> Result<PooledConnection, ConnectError> {
-        if let Some(conn) = self.take_idle() {
-            return Ok(conn);
-        }
-        self.connect(connect_timeout).await
-    }
-
-    fn take_idle(self: &Arc<Self>) -> Option<PooledConnection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Most recently used first: it is the least likely to have been closed.
-        while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() < self.keepalive_timeout && conn.sender.is_ready() {
-                return Some(PooledConnection {
-                    sender: Some(conn.sender),
-                    task: conn.task,
-                    upstream: self.clone(),
-                    reused: true,
-                    reusable: true,
-                });
-            }
-            conn.task.abort();
-        }
-        None
-    }
-
-    /// A new connection, bypassing the pool.
-    pub async fn connect(
-        self: &Arc<Self>,
-        timeout: Option<Duration>,
-    ) -> Result<PooledConnection, ConnectError> {
-        let connecting = self.open();
-        let (sender, task) = match timeout {
-            Some(limit) => tokio::time::timeout(limit, connecting)
-                .await
-                .map_err(|_| ConnectError::Timeout(limit))??,
-            None => connecting.await?,
-        };
-        Ok(PooledConnection {
-            sender: Some(sender),
-            task,
-            upstream: self.clone(),
-            reused: false,
-            reusable: true,
-        })
-    }
-
-    async fn open(&self) -> Result<(Sender, AbortHandle), ConnectError> {
-        match &self.address {
-            UpstreamAddress::Tcp { authority } => {
-                let stream = TcpStream::connect(authority.as_str()).await?;
-                stream.set_nodelay(true)?;
-                handshake(stream).await
-            }
-            UpstreamAddress::Unix(path) => handshake(UnixStream::connect(path).await?).await,
-        }
-    }
-
-    fn put_back(&self, sender: Sender, task: AbortHandle) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let keepalive = self.keepalive_timeout;
-        idle.retain(|c| {
-            let fresh = c.since.elapsed() < keepalive && !c.sender.is_closed();
-            if !fresh {
-                c.task.abort();
-            }
-            fresh
+            worker_timeout: config.worker_timeout,
+            queue_timeout: config.queue_timeout,
+            metrics: UpstreamMetrics::default(),
+            servers: config
+                .servers
+                .iter()
+                .map(|address| Endpoint::new(address, config))
+                .collect(),
+            balance: config.balance,
+            max_connections: config.max_connections,
+            max_queue: config.max_queue,
+            next: AtomicUsize::new(0),
+            queue: Mutex::new(VecDeque::new()),
         });
-        if idle.len() < self.max_idle {
-            idle.push(IdleConnection {
-                sender,
-                task,
-                since: Instant::now(),
-            });
-        } else {
-            task.abort();
+        if let Some(check) = &config.health_check {
+            for server in &upstream.servers {
+                health::spawn_checker(
+                    Arc::downgrade(&upstream),
+                    Arc::downgrade(server),
+                    check.clone(),
+                );
+            }
         }
+        upstream
     }
 
-    /// How many idle connections the pool holds now (for tests and metrics).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
-    }
-}
-
-async fn handshake<S>(stream: S) -> Result<(Sender, AbortHandle), ConnectError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::Builder::new()
-        .max_buf_size(64 * 1024)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok((sender, task.abort_handle()))
-}
-
-/// A connection checked out for one exchange. Dropping it aborts the connection unless
-/// [`PooledConnection::release`] handed it back after a complete response.
-pub struct PooledConnection {
-    sender: Option<Sender>,
-    task: AbortHandle,
-    upstream: Arc<Upstream>,
-    /// Whether it came from the pool (a failure to send on it may be a stale close).
-    pub reused: bool,
-    reusable: bool,
-}
-
-impl PooledConnection {
-    pub fn sender(&mut self) -> &mut Sender {
-        self.sender
-            .as_mut()
-            .expect("a pooled connection holds its sender until released")
+    pub fn servers(&self) -> &[Arc<Endpoint>] {
+        &self.servers
     }
 
-    /// The upstream asked to close (`Connection: close`): never pool it.
-    pub fn forbid_reuse(&mut self) {
-        self.reusable = false;
+    /// How many requests wait for a slot.
+    pub fn queued(&self) -> usize {
+        self.lock_queue().len()
     }
 
-    /// Returns the connection to the pool once hyper says it can take a new request.
-    pub fn release(mut self) {
-        let Some(mut sender) = self.sender.take() else {
-            return;
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, VecDeque<oneshot::Sender<Slot>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot on a healthy server: at once when one is free and nobody waits, otherwise
+    /// after the requests queued before this one.
+    pub async fn admit(self: &Arc<Self>) -> Result<Slot, AdmitError> {
+        let waiting = {
+            let mut queue = self.lock_queue();
+            queue.retain(|waiter| !waiter.is_closed());
+            if queue.is_empty() {
+                if let Some(slot) = self.try_take() {
+                    return Ok(slot);
+                }
+            }
+            if !self.servers.iter().any(|s| s.health.is_up()) {
+                return Err(AdmitError::NoHealthyServer);
+            }
+            if queue.len() >= self.max_queue {
+                self.metrics.queue_full.inc();
+                return Err(AdmitError::QueueFull(queue.len()));
+            }
+            let (sender, receiver) = oneshot::channel();
+            queue.push_back(sender);
+            receiver
         };
-        if !self.reusable || sender.is_closed() {
-            self.task.abort();
-            return;
+        match tokio::time::timeout(self.queue_timeout, waiting).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => {
+                self.metrics.queue_timeout.inc();
+                Err(AdmitError::QueueTimeout(self.queue_timeout))
+            }
         }
-        let upstream = self.upstream.clone();
-        let task = self.task.clone();
-        // Usually ready at once; otherwise wait briefly off the request path.
-        let mut cx = Context::from_waker(Waker::noop());
-        match sender.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => upstream.put_back(sender, task),
-            Poll::Ready(Err(_)) => task.abort(),
-            Poll::Pending => {
-                let limit = upstream.keepalive_timeout;
-                tokio::spawn(async move {
-                    match tokio::time::timeout(limit, sender.ready()).await {
-                        Ok(Ok(())) => upstream.put_back(sender, task),
-                        _ => task.abort(),
-                    }
-                });
+    }
+
+    /// Takes a slot on the best healthy server with room, if there is one.
+    fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        let has_room = |s: &&Arc<Endpoint>| {
+            s.health.is_up()
+                && self
+                    .max_connections
+                    .is_none_or(|max| s.in_flight.load(Ordering::Relaxed) < max)
+        };
+        let chosen = match self.balance {
+            Balance::LeastOutstanding => self
+                .servers
+                .iter()
+                .filter(has_room)
+                .min_by_key(|s| s.in_flight.load(Ordering::Relaxed)),
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let n = self.servers.len();
+                (0..n)
+                    .map(|i| &self.servers[(start + i) % n])
+                    .find(has_room)
+            }
+        }?;
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            server: chosen.clone(),
+            upstream: self.clone(),
+            hand_over_on_drop: true,
+        })
+    }
+
+    /// Hands freed capacity to the oldest waiters.
+    fn dispatch(self: &Arc<Self>) {
+        let mut queue = self.lock_queue();
+        while !queue.is_empty() {
+            let Some(mut slot) = self.try_take() else {
+                return;
+            };
+            loop {
+                let Some(waiter) = queue.pop_front() else {
+                    // Everyone who waited gave up: the slot goes back quietly (we hold
+                    // the queue lock, so a drop that dispatches would deadlock).
+                    slot.hand_over_on_drop = false;
+                    return;
+                };
+                match waiter.send(slot) {
+                    Ok(()) => break,
+                    Err(returned) => slot = returned,
+                }
             }
         }
     }
 }
 
-impl Drop for PooledConnection {
+/// The right to send one request to one server; freed capacity goes to the next waiter.
+pub struct Slot {
+    pub server: Arc<Endpoint>,
+    upstream: Arc<Upstream>,
+    hand_over_on_drop: bool,
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        if self.sender.is_some() {
-            self.task.abort();
+        self.server.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.hand_over_on_drop {
+            self.upstream.dispatch();
+        }
+    }
+}
+
+impl Slot {
+    /// Reports a failure of this server (passive health); logs when it goes out. Like
+    /// nginx, a lone server is never taken out by failures: its own error (refused,
+    /// reset) says more than "no healthy server".
+    pub fn server_failed(&self) {
+        if self.upstream.servers.len() > 1 && self.server.health.record_failure() {
+            tracing::warn!(
+                upstream = %self.upstream.name,
+                server = %self.server.address,
+                "server taken out after repeated failures (max_fails within fail_timeout)"
+            );
+            self.upstream.metrics.health_changes.inc();
         }
     }
 }

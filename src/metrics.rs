@@ -1,0 +1,431 @@
+//! Counters, gauges and histograms, allocated once per route and per upstream when the
+//! configuration is built (as Envoy does), so recording is a few relaxed atomic
+//! additions: no lock, no allocation, no label lookup on the request path. Also the
+//! registry of requests in flight that the status page lists.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds in seconds: from a fast API call to a 60-minute extraction.
+const BOUNDS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// A latency histogram with fixed buckets (Prometheus `le` semantics when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; BOUNDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        let index = BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BOUNDS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The `q` quantile (0..1) as the upper bound of the bucket holding it.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let counts = self.counts();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(BOUNDS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        None
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let counts = self.counts();
+        let mut cumulative = 0;
+        for (i, count) in counts.iter().enumerate() {
+            cumulative += count;
+            let le = BOUNDS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Everything counted for one route.
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    /// Responses by status class: 1xx..5xx.
+    pub responses: [Counter; 5],
+    pub response_header_seconds: Histogram,
+    pub total_seconds: Histogram,
+    pub in_flight: Gauge,
+    pub queued: Gauge,
+    /// Requests refused by admission control (503).
+    pub refused: Counter,
+    /// 403 (access rules) and 429 (per-client limits).
+    pub forbidden: Counter,
+    pub rate_limited: Counter,
+    /// Timer expiries by timer: connect, response_header, idle, total.
+    pub timeouts: [Counter; 4],
+    pub bytes_sent: Counter,
+    /// Transfers aborted after the response head.
+    pub aborted: Counter,
+}
+
+impl RouteMetrics {
+    pub fn record_status(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].inc();
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        let total: u64 = self.responses.iter().map(Counter::get).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        self.responses[4].get() as f64 / total as f64
+    }
+}
+
+/// Everything counted for one upstream.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    pub connect_failed: Counter,
+    pub connect_timeout: Counter,
+    pub closed_early: Counter,
+    pub invalid_response: Counter,
+    pub io_error: Counter,
+    /// Failures that look like Gunicorn killing a worker at its --timeout.
+    pub worker_kills: Counter,
+    pub retries: Counter,
+    pub queue_full: Counter,
+    pub queue_timeout: Counter,
+    pub health_changes: Counter,
+}
+
+pub const TIMER_NAMES: [&str; 4] = ["connect", "response_header", "idle", "total"];
+
+/// Renders one route's lines into `out`.
+pub fn render_route(out: &mut String, route: &str, m: &RouteMetrics) {
+    let l = format!("route=\"{}\"", label(route));
+    for (i, c) in m.responses.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "quadrige_requests_total{{{l},class=\"{}xx\"}} {}",
+            i + 1,
+            c.get()
+        );
+    }
+    m.response_header_seconds
+        .render(out, "quadrige_response_header_seconds", &l);
+    m.total_seconds
+        .render(out, "quadrige_request_duration_seconds", &l);
+    let _ = writeln!(out, "quadrige_in_flight{{{l}}} {}", m.in_flight.get());
+    let _ = writeln!(out, "quadrige_queued{{{l}}} {}", m.queued.get());
+    let _ = writeln!(
+        out,
+        "quadrige_admission_refused_total{{{l}}} {}",
+        m.refused.get()
+    );
+    let _ = writeln!(out, "quadrige_forbidden_total{{{l}}} {}", m.forbidden.get());
+    let _ = writeln!(
+        out,
+        "quadrige_rate_limited_total{{{l}}} {}",
+        m.rate_limited.get()
+    );
+    for (timer, c) in TIMER_NAMES.iter().zip(&m.timeouts) {
+        let _ = writeln!(
+            out,
+            "quadrige_timeouts_total{{{l},timer=\"{timer}\"}} {}",
+            c.get()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "quadrige_response_bytes_total{{{l}}} {}",
+        m.bytes_sent.get()
+    );
+    let _ = writeln!(
+        out,
+        "quadrige_aborted_transfers_total{{{l}}} {}",
+        m.aborted.get()
+    );
+}
+
+/// Renders one upstream's lines into `out`.
+pub fn render_upstream(out: &mut String, upstream: &str, m: &UpstreamMetrics) {
+    let l = format!("upstream=\"{}\"", label(upstream));
+    let errors = [
+        ("connect_failed", &m.connect_failed),
+        ("connect_timeout", &m.connect_timeout),
+        ("closed_early", &m.closed_early),
+        ("invalid_response", &m.invalid_response),
+        ("io_error", &m.io_error),
+    ];
+    for (kind, c) in errors {
+        let _ = writeln!(
+            out,
+            "quadrige_upstream_errors_total{{{l},kind=\"{kind}\"}} {}",
+            c.get()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "quadrige_gunicorn_worker_kills_total{{{l}}} {}",
+        m.worker_kills.get()
+    );
+    let _ = writeln!(
+        out,
+        "quadrige_upstream_retries_total{{{l}}} {}",
+        m.retries.get()
+    );
+    let _ = writeln!(
+        out,
+        "quadrige_queue_full_total{{{l}}} {}",
+        m.queue_full.get()
+    );
+    let _ = writeln!(
+        out,
+        "quadrige_queue_timeout_total{{{l}}} {}",
+        m.queue_timeout.get()
+    );
+    let _ = writeln!(
+        out,
+        "quadrige_health_changes_total{{{l}}} {}",
+        m.health_changes.get()
+    );
+}
+
+/// Escapes a Prometheus label value.
+pub fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Where a request in flight is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    Routing = 0,
+    Queued = 1,
+    Connecting = 2,
+    WaitingForUpstream = 3,
+    Streaming = 4,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Routing => "routing",
+            Stage::Queued => "queued",
+            Stage::Connecting => "connecting",
+            Stage::WaitingForUpstream => "waiting for the upstream",
+            Stage::Streaming => "streaming",
+        }
+    }
+
+    fn from_u8(value: u8) -> Stage {
+        match value {
+            1 => Stage::Queued,
+            2 => Stage::Connecting,
+            3 => Stage::WaitingForUpstream,
+            4 => Stage::Streaming,
+            _ => Stage::Routing,
+        }
+    }
+}
+
+/// One request in flight, as the status page shows it.
+#[derive(Debug)]
+pub struct Tracked {
+    pub started: Instant,
+    pub client: IpAddr,
+    /// Method and path, cut to a readable length.
+    pub request: String,
+    pub route: Mutex<Arc<str>>,
+    stage: AtomicU8,
+}
+
+impl Tracked {
+    pub fn set_stage(&self, stage: Stage) {
+        self.stage.store(stage as u8, Ordering::Relaxed);
+    }
+
+    pub fn stage(&self) -> Stage {
+        Stage::from_u8(self.stage.load(Ordering::Relaxed))
+    }
+
+    pub fn set_route(&self, route: &Arc<str>) {
+        *self.route.lock().unwrap_or_else(|e| e.into_inner()) = route.clone();
+    }
+}
+
+/// The requests in flight, for the status page.
+#[derive(Debug, Default)]
+pub struct Live {
+    next: AtomicU64,
+    entries: Mutex<HashMap<u64, Arc<Tracked>>>,
+}
+
+impl Live {
+    /// Registers a request; it is listed until the returned guard is dropped.
+    pub fn track(self: &Arc<Self>, client: IpAddr, method: &http::Method, path: &str) -> LiveGuard {
+        let mut request = format!("{method} {path}");
+        if request.len() > 160 {
+            let cut = (0..=160)
+                .rev()
+                .find(|i| request.is_char_boundary(*i))
+                .unwrap_or(0);
+            request.truncate(cut);
+            request.push('…');
+        }
+        let tracked = Arc::new(Tracked {
+            started: Instant::now(),
+            client,
+            request,
+            route: Mutex::new(Arc::from("-")),
+            stage: AtomicU8::new(Stage::Routing as u8),
+        });
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, tracked.clone());
+        LiveGuard {
+            live: self.clone(),
+            id,
+            tracked,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The requests in flight, oldest first.
+    pub fn snapshot(&self) -> Vec<Arc<Tracked>> {
+        let mut all: Vec<Arc<Tracked>> = self.lock().values().cloned().collect();
+        all.sort_by_key(|t| t.started);
+        all
+    }
+}
+
+/// Keeps a request listed in [`Live`] while it lives.
+#[derive(Debug)]
+pub struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+    pub tracked: Arc<Tracked>,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_when_rendered() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(200));
+        h.observe(Duration::from_secs(7200));
+        let mut out = String::new();
+        h.render(&mut out, "x", "route=\"r\"");
+        assert!(
+            out.contains("x_bucket{route=\"r\",le=\"0.005\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{route=\"r\",le=\"0.25\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{route=\"r\",le=\"3600\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_bucket{route=\"r\",le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_count{route=\"r\"} 3\n"), "{out}");
+        assert_eq!(h.quantile(0.5), Some(0.25));
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn live_lists_requests_until_their_guard_drops() {
+        let live = Arc::new(Live::default());
+        let guard = live.track("192.0.2.1".parse().unwrap(), &http::Method::GET, "/x");
+        guard.tracked.set_stage(Stage::Queued);
+        assert_eq!(live.snapshot()[0].stage(), Stage::Queued);
+        drop(guard);
+        assert!(live.snapshot().is_empty());
+    }
+}

@@ -1,0 +1,361 @@
+//! The forward phase: a slot on a server, a connection, the request sent, and the wait
+//! for the response head under the route's timers.
+//!
+//! Retries only when safe: when no connection could be made, or hyper handed the request
+//! back unsent (a pooled connection closed under us), the request goes to the next
+//! healthy server; once bytes were sent, only an idempotent request without a body is
+//! sent again, to another server, and never a POST. Timeouts are never retried: the
+//! request may still be running upstream.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
+use tokio::time::Instant;
+
+use super::{ProxyError, TimerKind};
+use crate::body::{BodyError, RequestBody, UploadProgress};
+use crate::config::Timeouts;
+use crate::metrics::{Stage, Tracked};
+use crate::upstream::{ConnectError, Endpoint, PooledConnection, Slot, Upstream};
+
+/// What the forward phase needs to know about the exchange.
+pub(super) struct Forward<'a> {
+    pub upstream: &'a Arc<Upstream>,
+    pub timeouts: Timeouts,
+    pub started: Instant,
+    pub tracked: &'a Tracked,
+}
+
+/// The head of a request that may be sent again (idempotent, no body).
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(request: &Request<RequestBody>, servers: usize) -> Option<Replay> {
+        use http_body::Body as _;
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        (servers > 1 && idempotent && request.body().is_end_stream()).then(|| Replay {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<RequestBody> {
+        let mut request = Request::new(RequestBody::empty());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+impl Forward<'_> {
+    /// Sends `request` and returns the response head, the connection its body will come
+    /// on, and the server slot to hold until that body is done.
+    pub async fn run(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, PooledConnection, Slot), ProxyError> {
+        let timers = HeadTimers {
+            timeouts: self.timeouts,
+            total_deadline: self.timeouts.total.0.map(|t| self.started + t),
+            progress: request.body().progress(),
+        };
+        let servers = self.upstream.servers().len();
+        let replay = Replay::of(&request, servers);
+        let mut fresh_connection = false;
+        let mut failure = ProxyError::UpstreamClosed;
+        for _attempt in 0..=servers {
+            self.tracked.set_stage(Stage::Queued);
+            let slot = timers.admit(self.upstream).await?;
+            if !self.upstream.preserve_host {
+                request
+                    .headers_mut()
+                    .insert(header::HOST, slot.server.host_header.clone());
+            }
+            self.tracked.set_stage(Stage::Connecting);
+            let mut connection = match timers.connect(&slot.server, fresh_connection).await {
+                Ok(connection) => connection,
+                Err(error @ ProxyError::Connect(_)) => {
+                    self.count_failure(&error);
+                    slot.server_failed();
+                    failure = error;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            self.tracked.set_stage(Stage::WaitingForUpstream);
+            let sending = connection.sender().try_send_request(request);
+            let failed = match timers.await_head(sending, Instant::now()).await {
+                Ok(response) => {
+                    if matches!(response.status().as_u16(), 502..=504) {
+                        slot.server_failed();
+                    }
+                    return Ok((response, connection, slot));
+                }
+                Err(HeadError::Failed(failure)) => return Err(failure),
+                Err(HeadError::Send(failed)) => failed,
+            };
+            let mut failed = *failed;
+            if let Some(unsent) = failed.take_message() {
+                // Provably never reached the upstream: send it again, on a new connection.
+                request = unsent;
+                fresh_connection = connection.reused;
+                if !connection.reused {
+                    slot.server_failed();
+                }
+                self.upstream.metrics.retries.inc();
+                continue;
+            }
+            failure = classify(failed.into_error());
+            if !matches!(
+                failure,
+                ProxyError::UpstreamClosed | ProxyError::UpstreamIo(_)
+            ) {
+                return Err(failure);
+            }
+            self.count_failure(&failure);
+            slot.server_failed();
+            self.diagnose_worker_kill("dropped the connection without a response");
+            match &replay {
+                Some(replay) => {
+                    request = replay.request();
+                    self.upstream.metrics.retries.inc();
+                }
+                None => return Err(failure),
+            }
+        }
+        Err(failure)
+    }
+
+    fn count_failure(&self, failure: &ProxyError) {
+        let m = &self.upstream.metrics;
+        match failure {
+            ProxyError::Connect(ConnectError::Timeout(_)) => m.connect_timeout.inc(),
+            ProxyError::Connect(_) => m.connect_failed.inc(),
+            ProxyError::UpstreamClosed => m.closed_early.inc(),
+            ProxyError::InvalidResponse(_) => m.invalid_response.inc(),
+            _ => m.io_error.inc(),
+        }
+    }
+
+    /// A failure close to Gunicorn's `--timeout` is, most likely, Gunicorn killing the
+    /// worker: say so, with the value to raise.
+    pub fn diagnose_worker_kill(&self, what: &str) {
+        diagnose_worker_kill(self.upstream, self.started.elapsed(), what);
+    }
+}
+
+/// Logs and counts a likely Gunicorn worker kill when `elapsed` is about the upstream's
+/// `worker_timeout`.
+pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, what: &str) {
+    let Some(worker_timeout) = upstream.worker_timeout else {
+        return;
+    };
+    let tolerance = (worker_timeout / 10).max(Duration::from_secs(2));
+    if elapsed + tolerance < worker_timeout || elapsed > worker_timeout + tolerance {
+        return;
+    }
+    upstream.metrics.worker_kills.inc();
+    tracing::warn!(
+        upstream = %upstream.name,
+        ?elapsed,
+        ?worker_timeout,
+        "the upstream {what} after {elapsed:.1?}, about its worker_timeout of {worker_timeout:?}: \
+         Gunicorn most likely killed the worker at its --timeout; raise GUNICORN_TIMEOUT above \
+         this route's timers (and worker_timeout in the proxy config with it)"
+    );
+}
+
+enum HeadError {
+    /// hyper could not complete the exchange; it may hand the request back.
+    Send(Box<TrySendError<Request<RequestBody>>>),
+    Failed(ProxyError),
+}
+
+/// The timers that run until the response head arrives.
+struct HeadTimers {
+    timeouts: Timeouts,
+    total_deadline: Option<Instant>,
+    /// Present when a request body is being uploaded.
+    progress: Option<Arc<UploadProgress>>,
+}
+
+impl HeadTimers {
+    /// A slot on a server, waiting at most until the total deadline.
+    async fn admit(&self, upstream: &Arc<Upstream>) -> Result<Slot, ProxyError> {
+        let unavailable =
+            |e| ProxyError::Unavailable(e, upstream.queue_timeout.max(Duration::from_secs(1)));
+        match self.total_deadline {
+            None => upstream.admit().await.map_err(unavailable),
+            Some(deadline) => match tokio::time::timeout_at(deadline, upstream.admit()).await {
+                Ok(admitted) => admitted.map_err(unavailable),
+                Err(_) => Err(ProxyError::Timeout {
+                    timer: TimerKind::Total,
+                    limit: self.timeouts.total.0.unwrap_or_default(),
+                }),
+            },
+        }
+    }
+
+    /// A connection under the connect timer (or what is left of the total one).
+    async fn connect(
+        &self,
+        upstream: &Arc<Endpoint>,
+        fresh: bool,
+    ) -> Result<PooledConnection, ProxyError> {
+        let mut limit = self.timeouts.connect.0;
+        let mut total_is_shorter = false;
+        if let Some(deadline) = self.total_deadline {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if limit.is_none_or(|l| remaining < l) {
+                limit = Some(remaining);
+                total_is_shorter = true;
+            }
+        }
+        let connecting = if fresh {
+            upstream.connect(limit).await
+        } else {
+            upstream.checkout(limit).await
+        };
+        connecting.map_err(|e| match (e, self.timeouts.total.0) {
+            (ConnectError::Timeout(_), Some(total)) if total_is_shorter => ProxyError::Timeout {
+                timer: TimerKind::Total,
+                limit: total,
+            },
+            (e, _) => ProxyError::Connect(e),
+        })
+    }
+
+    /// Waits for the response head. While the body uploads, the idle timer watches the
+    /// silent side; once it is sent, the response-header timer runs.
+    async fn await_head<F>(
+        &self,
+        sending: F,
+        sent_at: Instant,
+    ) -> Result<Response<Incoming>, HeadError>
+    where
+        F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+    {
+        tokio::pin!(sending);
+        loop {
+            let next = self.next_deadline(sent_at);
+            let uploading = self.progress.as_ref().filter(|p| p.finished_at().is_none());
+            let sleep_until = next.map_or_else(far_future, |(at, _)| at);
+            tokio::select! {
+                biased;
+                result = &mut sending => return result.map_err(|e| HeadError::Send(Box::new(e))),
+                _ = wait_upload_end(uploading), if uploading.is_some() => continue,
+                _ = tokio::time::sleep_until(sleep_until) => {
+                    if let Some((at, timer)) = self.next_deadline(sent_at) {
+                        if at <= Instant::now() {
+                            return Err(HeadError::Failed(self.expired(timer)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest deadline now in force, and which timer it belongs to.
+    fn next_deadline(&self, sent_at: Instant) -> Option<(Instant, TimerKind)> {
+        let phase = match &self.progress {
+            Some(p) => match p.finished_at() {
+                None => self
+                    .timeouts
+                    .idle
+                    .0
+                    .map(|idle| (p.last_chunk_at() + idle, TimerKind::Idle)),
+                Some(done) => self
+                    .timeouts
+                    .response_header
+                    .0
+                    .map(|t| (done + t, TimerKind::ResponseHeader)),
+            },
+            None => self
+                .timeouts
+                .response_header
+                .0
+                .map(|t| (sent_at + t, TimerKind::ResponseHeader)),
+        };
+        let total = self.total_deadline.map(|at| (at, TimerKind::Total));
+        match (phase, total) {
+            (Some(p), Some(t)) => Some(if t.0 <= p.0 { t } else { p }),
+            (p, t) => p.or(t),
+        }
+    }
+
+    fn expired(&self, timer: TimerKind) -> ProxyError {
+        let limit = |t: crate::config::Timer| t.0.unwrap_or_default();
+        match timer {
+            TimerKind::Idle
+                if self
+                    .progress
+                    .as_ref()
+                    .is_some_and(|p| p.waiting_on_client()) =>
+            {
+                ProxyError::ClientBodyTimeout {
+                    limit: limit(self.timeouts.idle),
+                }
+            }
+            TimerKind::Idle => ProxyError::Timeout {
+                timer,
+                limit: limit(self.timeouts.idle),
+            },
+            TimerKind::ResponseHeader => ProxyError::Timeout {
+                timer,
+                limit: limit(self.timeouts.response_header),
+            },
+            TimerKind::Total | TimerKind::Connect => ProxyError::Timeout {
+                timer: TimerKind::Total,
+                limit: limit(self.timeouts.total),
+            },
+        }
+    }
+}
+
+async fn wait_upload_end(progress: Option<&Arc<UploadProgress>>) {
+    match progress {
+        Some(p) => p.wait_finished().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 86_400)
+}
+
+/// Maps hyper's failure to what the client is told.
+fn classify(error: hyper::Error) -> ProxyError {
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        if let Some(body) = cause.downcast_ref::<BodyError>() {
+            return match body {
+                BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
+                _ => ProxyError::ClientAborted,
+            };
+        }
+        source = cause.source();
+    }
+    if error.is_incomplete_message() || error.is_canceled() {
+        ProxyError::UpstreamClosed
+    } else if error.is_parse() || error.is_parse_status() {
+        ProxyError::InvalidResponse(error.to_string())
+    } else {
+        let detail =
+            std::error::Error::source(&error).map_or_else(String::new, |s| format!(": {s}"));
+        ProxyError::UpstreamIo(format!("{error}{detail}"))
+    }
+}
