@@ -17,6 +17,7 @@
 //! Everything per-route comes from [`config`], validated once at start-up.
 
 pub mod access_log;
+pub mod admin;
 pub mod apache_import;
 pub mod body;
 pub mod budget;

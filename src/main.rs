@@ -188,9 +188,16 @@ fn check(path: &Path) -> anyhow::Result<()> {
     }
     for upstream in &config.upstreams {
         println!(
-            "upstream {}: {}{}",
+            "upstream {}: {}{}{}",
             upstream.name,
             upstream.describe_servers(),
+            upstream
+                .max_connections
+                .map(|n| format!(
+                    " (max_connections {n}, queue {} for {:?})",
+                    upstream.max_queue, upstream.queue_timeout
+                ))
+                .unwrap_or_default(),
             if upstream.preserve_host {
                 " (preserve_host)"
             } else {
@@ -200,6 +207,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
     }
     println!("\nroutes, in match order (first match wins):");
     print!("{}", RouteTable::new(&config).render(&config.upstreams));
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
     Ok(())
 }
 

@@ -96,7 +96,7 @@ impl Histogram {
         None
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let counts = self.counts();
         let mut cumulative = 0;
         for (i, count) in counts.iter().enumerate() {
@@ -129,6 +129,8 @@ pub struct RouteMetrics {
     pub bytes_sent: Counter,
     /// Transfers aborted after the response head.
     pub aborted: Counter,
+    /// Request body bytes forwarded upstream.
+    pub bytes_received: Counter,
 }
 
 impl RouteMetrics {
@@ -164,95 +166,49 @@ pub struct UpstreamMetrics {
 
 pub const TIMER_NAMES: [&str; 4] = ["connect", "response_header", "idle", "total"];
 
-/// Renders one route's lines into `out`.
-pub fn render_route(out: &mut String, route: &str, m: &RouteMetrics) {
-    let l = format!("route=\"{}\"", label(route));
-    for (i, c) in m.responses.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "quadrige_requests_total{{{l},class=\"{}xx\"}} {}",
-            i + 1,
-            c.get()
-        );
-    }
-    m.response_header_seconds
-        .render(out, "quadrige_response_header_seconds", &l);
-    m.total_seconds
-        .render(out, "quadrige_request_duration_seconds", &l);
-    let _ = writeln!(out, "quadrige_in_flight{{{l}}} {}", m.in_flight.get());
-    let _ = writeln!(out, "quadrige_queued{{{l}}} {}", m.queued.get());
-    let _ = writeln!(
-        out,
-        "quadrige_admission_refused_total{{{l}}} {}",
-        m.refused.get()
-    );
-    let _ = writeln!(out, "quadrige_forbidden_total{{{l}}} {}", m.forbidden.get());
-    let _ = writeln!(
-        out,
-        "quadrige_rate_limited_total{{{l}}} {}",
-        m.rate_limited.get()
-    );
-    for (timer, c) in TIMER_NAMES.iter().zip(&m.timeouts) {
-        let _ = writeln!(
-            out,
-            "quadrige_timeouts_total{{{l},timer=\"{timer}\"}} {}",
-            c.get()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "quadrige_response_bytes_total{{{l}}} {}",
-        m.bytes_sent.get()
-    );
-    let _ = writeln!(
-        out,
-        "quadrige_aborted_transfers_total{{{l}}} {}",
-        m.aborted.get()
-    );
+/// Prometheus' text format wants every sample of a family together, after one TYPE line.
+pub struct Exposition {
+    out: String,
 }
 
-/// Renders one upstream's lines into `out`.
-pub fn render_upstream(out: &mut String, upstream: &str, m: &UpstreamMetrics) {
-    let l = format!("upstream=\"{}\"", label(upstream));
-    let errors = [
-        ("connect_failed", &m.connect_failed),
-        ("connect_timeout", &m.connect_timeout),
-        ("closed_early", &m.closed_early),
-        ("invalid_response", &m.invalid_response),
-        ("io_error", &m.io_error),
-    ];
-    for (kind, c) in errors {
-        let _ = writeln!(
-            out,
-            "quadrige_upstream_errors_total{{{l},kind=\"{kind}\"}} {}",
-            c.get()
-        );
+impl Exposition {
+    pub fn new() -> Exposition {
+        Exposition {
+            out: String::with_capacity(16 * 1024),
+        }
     }
-    let _ = writeln!(
-        out,
-        "quadrige_gunicorn_worker_kills_total{{{l}}} {}",
-        m.worker_kills.get()
-    );
-    let _ = writeln!(
-        out,
-        "quadrige_upstream_retries_total{{{l}}} {}",
-        m.retries.get()
-    );
-    let _ = writeln!(
-        out,
-        "quadrige_queue_full_total{{{l}}} {}",
-        m.queue_full.get()
-    );
-    let _ = writeln!(
-        out,
-        "quadrige_queue_timeout_total{{{l}}} {}",
-        m.queue_timeout.get()
-    );
-    let _ = writeln!(
-        out,
-        "quadrige_health_changes_total{{{l}}} {}",
-        m.health_changes.get()
-    );
+
+    /// One family: `rows` are (labels, value) pairs, labels already rendered.
+    pub fn family<I>(&mut self, name: &str, kind: &str, help: &str, rows: I)
+    where
+        I: IntoIterator<Item = (String, f64)>,
+    {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    /// One histogram family over several label sets.
+    pub fn histograms<'a, I>(&mut self, name: &str, help: &str, rows: I)
+    where
+        I: IntoIterator<Item = (String, &'a Histogram)>,
+    {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (labels, histogram) in rows {
+            histogram.render(&mut self.out, name, &labels);
+        }
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+impl Default for Exposition {
+    fn default() -> Self {
+        Exposition::new()
+    }
 }
 
 /// Escapes a Prometheus label value.
@@ -394,6 +350,13 @@ mod tests {
         h.observe(Duration::from_secs(7200));
         let mut out = String::new();
         h.render(&mut out, "x", "route=\"r\"");
+        let mut e = Exposition::new();
+        e.histograms("y", "help", [("route=\"r\"".to_string(), &h)]);
+        let family = e.finish();
+        assert!(
+            family.starts_with("# HELP y help\n# TYPE y histogram\ny_bucket{"),
+            "{family}"
+        );
         assert!(
             out.contains("x_bucket{route=\"r\",le=\"0.005\"} 1\n"),
             "{out}"

@@ -85,10 +85,7 @@ mod tests {
 
     fn temp_file(len: usize) -> (std::path::PathBuf, Vec<u8>) {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        let path = std::env::temp_dir().join(format!(
-            "qp-filestream-{}-{len}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("qp-filestream-{}-{len}", std::process::id()));
         let mut f = std::fs::File::create(&path).expect("temp file");
         f.write_all(&data).expect("write temp file");
         (path, data)

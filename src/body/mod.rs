@@ -23,6 +23,8 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::metrics::RouteMetrics;
+
 pub use file::{FileStream, CHUNK as FILE_CHUNK};
 pub use response::{ResponseBody, UpstreamStream};
 
@@ -122,6 +124,16 @@ pub struct RequestBody {
     limit: Option<u64>,
     received: u64,
     progress: Option<Arc<UploadProgress>>,
+    /// Where the bytes forwarded are counted when the body is dropped.
+    counted_in: Option<Arc<RouteMetrics>>,
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(metrics) = &self.counted_in {
+            metrics.bytes_received.add(self.received);
+        }
+    }
 }
 
 impl RequestBody {
@@ -133,6 +145,7 @@ impl RequestBody {
             limit: None,
             received: 0,
             progress: None,
+            counted_in: None,
         }
     }
 
@@ -149,7 +162,14 @@ impl RequestBody {
             limit,
             received: 0,
             progress: Some(progress),
+            counted_in: None,
         }
+    }
+
+    /// Counts the forwarded bytes in `metrics` when the body is done.
+    pub fn counted_in(mut self, metrics: Arc<RouteMetrics>) -> RequestBody {
+        self.counted_in = Some(metrics);
+        self
     }
 
     /// The upload's progress, watched by the request's timers.

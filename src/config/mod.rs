@@ -351,6 +351,25 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// Settings that are valid but will not do what the operator likely wants.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let fallback = RouteConfig {
+            name: "(defaults)".into(),
+            matcher: MatchConfig::default(),
+            settings: self.defaults.clone(),
+            serve: Serve::Proxy,
+        };
+        for route in self.routes.iter().chain(std::iter::once(&fallback)) {
+            if matches!(route.serve, Serve::Proxy) {
+                if let Some(upstream) = self.upstreams.get(route.settings.upstream) {
+                    warnings.extend(route_warnings(route, upstream));
+                }
+            }
+        }
+        warnings
+    }
+
     /// Validates configuration text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let located = Locator { text, path };
@@ -915,6 +934,51 @@ impl Validator<'_> {
         }
         Ok(matcher)
     }
+}
+
+fn route_warnings(route: &RouteConfig, upstream: &UpstreamConfig) -> Vec<String> {
+    let (name, t) = (&route.name, &route.settings.timeouts);
+    let mut warnings = Vec::new();
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if let Some(worker) = upstream.worker_timeout {
+        let longest = [t.response_header.0, t.idle.0]
+            .into_iter()
+            .map(|d| d.unwrap_or(Duration::MAX))
+            .max();
+        if longest.is_some_and(|d| d > worker) {
+            warnings.push(format!(
+                "route `{name}`: its timers ({} response_header, {} idle) exceed upstream `{}`'s worker_timeout {}: Gunicorn kills the worker first and the client gets a 502; raise GUNICORN_TIMEOUT (and worker_timeout) to at least the route's longest timer",
+                t.response_header, t.idle, upstream.name, show(worker)
+            ));
+        }
+    }
+    if let (Some(total), Some(header)) = (t.total.0, t.response_header.0) {
+        let queued = if upstream.max_connections.is_some()
+            || route.settings.limits.max_concurrent.is_some()
+        {
+            upstream.queue_timeout
+        } else {
+            Duration::ZERO
+        };
+        if queued + header > total {
+            warnings.push(format!(
+                "route `{name}`: queue wait ({}) + response_header ({}) exceed total ({}): the total timer cuts requests the response_header timer would allow",
+                show(queued), show(header), show(total)
+            ));
+        }
+    }
+    if let (Some(cap), Some(workers)) = (
+        route.settings.limits.max_concurrent,
+        upstream.max_connections,
+    ) {
+        if cap * upstream.servers.len() >= workers * upstream.servers.len() {
+            warnings.push(format!(
+                "route `{name}`: max_concurrent {cap} can take every worker of upstream `{}` (max_connections {workers}): other requests would queue behind it",
+                upstream.name
+            ));
+        }
+    }
+    warnings
 }
 
 fn health_check(raw: &RawHealthCheck) -> HealthCheckConfig {

@@ -100,7 +100,9 @@ impl Forward<'_> {
             let sending = connection.sender().try_send_request(request);
             let failed = match timers.await_head(sending, Instant::now()).await {
                 Ok(response) => {
-                    if matches!(response.status().as_u16(), 502..=504) {
+                    let status = response.status().as_u16();
+                    slot.server.responses[usize::from(status / 100).clamp(1, 5) - 1].inc();
+                    if matches!(status, 502..=504) {
                         slot.server_failed();
                     }
                     return Ok((response, connection, slot));

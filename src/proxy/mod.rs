@@ -407,12 +407,8 @@ fn admit_body(
     if prefix.is_none() && body.is_end_stream() {
         return Ok(RequestBody::empty());
     }
-    Ok(RequestBody::streaming(
-        prefix,
-        body,
-        limit,
-        UploadProgress::new(),
-    ))
+    let body = RequestBody::streaming(prefix, body, limit, UploadProgress::new());
+    Ok(body.counted_in(route.metrics.clone()))
 }
 
 /// Phase 4: the upstream's head, cleaned for the client, with a timed streaming body.

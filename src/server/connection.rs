@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::io::{ClientStream, WriteStallLimit};
-use super::Shared;
+use super::{ListenerKind, Shared};
 use crate::body::ResponseBody;
 use crate::proxy::Client;
 
@@ -26,12 +26,21 @@ use crate::proxy::Client;
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    secure: bool,
+    kind: ListenerKind,
     shared: Arc<Shared>,
     stopped: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let runtime = shared.runtime.load_full();
+    if kind == ListenerKind::Admin {
+        if runtime.admin_allow.iter().any(|c| c.contains(peer.ip())) {
+            serve_admin(stream, shared, stopped).await;
+        } else {
+            tracing::warn!(%peer, "admin connection refused: the address is not in [admin] allow");
+        }
+        return;
+    }
+    let secure = kind == ListenerKind::Tls;
     let write_stall = WriteStallLimit::new(runtime.default_write_stall);
     let stream = ClientStream::new(stream, write_stall.clone());
     let client = Client {
@@ -95,6 +104,19 @@ async fn serve_http<S>(
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// The admin listener: HTTP/1.1 only, answered from the current configuration.
+async fn serve_admin(stream: TcpStream, shared: Arc<Shared>, stopped: watch::Receiver<bool>) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let runtime = shared.runtime.load_full();
+        async move { Ok::<_, Infallible>(crate::admin::handle(&runtime.proxy, &request)) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = until_drained(connection, stopped).await;
 }
 
 /// A hyper connection that can be asked to finish its in-flight work and close.

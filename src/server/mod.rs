@@ -54,18 +54,27 @@ pub struct Runtime {
     header_read_timeout: Duration,
     default_write_stall: Option<Duration>,
     shutdown_grace: Duration,
-    /// The listeners this configuration wants: address and whether it speaks TLS.
-    listen: Vec<(SocketAddr, bool)>,
+    /// Who may use the admin listener.
+    admin_allow: Vec<crate::config::Cidr>,
+    /// The listeners this configuration wants, by address and kind.
+    listen: Vec<ListenerKey>,
 }
 
 impl Runtime {
     fn build(config: &Config) -> Result<Runtime, ServerError> {
         let tls = config.server.tls.as_ref().map(tls::acceptor).transpose()?;
         let access_log = AccessLog::open(&config.log).map_err(ServerError::AccessLog)?;
-        let mut listen: Vec<(SocketAddr, bool)> =
-            config.server.listen.iter().map(|a| (*a, false)).collect();
+        let mut listen: Vec<ListenerKey> = config
+            .server
+            .listen
+            .iter()
+            .map(|a| (*a, ListenerKind::Plain))
+            .collect();
         if let Some(t) = &config.server.tls {
-            listen.extend(t.listen.iter().map(|a| (*a, true)));
+            listen.extend(t.listen.iter().map(|a| (*a, ListenerKind::Tls)));
+        }
+        if let Some(admin) = &config.admin {
+            listen.push((admin.listen, ListenerKind::Admin));
         }
         Ok(Runtime {
             proxy: Proxy::new(config, access_log),
@@ -73,6 +82,11 @@ impl Runtime {
             header_read_timeout: config.server.header_read_timeout,
             default_write_stall: config.defaults.timeouts.idle.0,
             shutdown_grace: config.server.shutdown_grace,
+            admin_allow: config
+                .admin
+                .as_ref()
+                .map(|a| a.allow.clone())
+                .unwrap_or_default(),
             listen,
         })
     }
@@ -83,9 +97,18 @@ pub struct Shared {
     runtime: ArcSwap<Runtime>,
 }
 
-/// A listener is known by its configured address and whether it speaks TLS: two
-/// listeners on port 0 (tests) are still two listeners.
-type ListenerKey = (SocketAddr, bool);
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenerKind {
+    Plain,
+    Tls,
+    /// Metrics, health and the status page.
+    Admin,
+}
+
+/// A listener is known by its configured address and kind: two listeners on port 0
+/// (tests) are still two listeners.
+type ListenerKey = (SocketAddr, ListenerKind);
 
 struct Listener {
     /// Set until `run` starts accepting.
@@ -136,16 +159,16 @@ impl Server {
         let runtime = Runtime::build(config)?;
         let mut inherited = systemd::inherited_listeners();
         let mut listeners = HashMap::new();
-        for &(addr, secure) in &runtime.listen {
+        for &(addr, kind) in &runtime.listen {
             let socket = match inherited.remove(&addr) {
                 Some(socket) => socket,
                 None => bind(addr).await?,
             };
-            listeners.insert((addr, secure), Listener::bound(socket));
+            listeners.insert((addr, kind), Listener::bound(socket));
         }
         for (addr, socket) in inherited {
             tracing::warn!(%addr, "systemd passed a socket the config does not name: serving it as plain HTTP");
-            listeners.insert((addr, false), Listener::bound(socket));
+            listeners.insert((addr, ListenerKind::Plain), Listener::bound(socket));
         }
         Ok(Server {
             shared: Arc::new(Shared {
@@ -157,15 +180,20 @@ impl Server {
         })
     }
 
-    /// The addresses actually bound (useful with port 0), plain ones first.
+    /// The addresses actually bound (useful with port 0): plain, then TLS, then admin.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        let mut addrs: Vec<(bool, SocketAddr)> = self
+        self.bound_addrs().into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// The addresses actually bound, with what each serves.
+    pub fn bound_addrs(&self) -> Vec<(ListenerKind, SocketAddr)> {
+        let mut addrs: Vec<(ListenerKind, SocketAddr)> = self
             .listeners
             .iter()
-            .filter_map(|(&(_, secure), l)| Some((secure, l.bound.as_ref()?.local_addr().ok()?)))
+            .filter_map(|(&(_, kind), l)| Some((kind, l.bound.as_ref()?.local_addr().ok()?)))
             .collect();
         addrs.sort();
-        addrs.into_iter().map(|(_, a)| a).collect()
+        addrs
     }
 
     /// Serves until `shutdown` resolves.
@@ -205,11 +233,11 @@ impl Server {
             return;
         };
         let (stop_one, stopped_one) = oneshot::channel();
-        let (addr, secure) = (socket.local_addr().ok(), key.1);
-        tracing::info!(?addr, tls = secure, "listening");
+        let (addr, kind) = (socket.local_addr().ok(), key.1);
+        tracing::info!(?addr, ?kind, "listening");
         let task = tokio::spawn(accept_loop(
             socket,
-            secure,
+            kind,
             self.shared.clone(),
             self.stop.subscribe(),
             stopped_one,
@@ -277,7 +305,7 @@ impl Server {
         {
             let _ = stop.send(());
             let _ = task.await;
-            tracing::info!(addr = %key.0, tls = key.1, "stopped listening");
+            tracing::info!(addr = %key.0, kind = ?key.1, "stopped listening");
         }
     }
 
@@ -314,7 +342,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 
 async fn accept_loop(
     listener: TcpListener,
-    secure: bool,
+    kind: ListenerKind,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
     mut removed: oneshot::Receiver<()>,
@@ -330,7 +358,7 @@ async fn accept_loop(
                 tokio::spawn(connection::serve(
                     stream,
                     peer,
-                    secure,
+                    kind,
                     shared.clone(),
                     stopped.clone(),
                 ));

@@ -21,6 +21,7 @@ use tokio::task::AbortHandle;
 use super::health::Health;
 use crate::body::RequestBody;
 use crate::config::{UpstreamAddress, UpstreamConfig};
+use crate::metrics::Counter;
 
 /// Why no connection to the upstream could be made.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,8 @@ pub struct Endpoint {
     pub self_origin: String,
     /// Requests to this server admitted and not yet finished.
     pub in_flight: AtomicUsize,
+    /// Response heads received from this server, by status class 1xx..5xx.
+    pub responses: [Counter; 5],
     pub health: Health,
     keepalive_timeout: Duration,
     max_idle: usize,
@@ -71,6 +74,7 @@ impl Endpoint {
             host_header,
             self_origin: format!("http://{authority}"),
             in_flight: AtomicUsize::new(0),
+            responses: Default::default(),
             health: Health::new(config),
             keepalive_timeout: config.keepalive_timeout,
             max_idle: config.max_idle_connections,

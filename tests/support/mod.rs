@@ -19,6 +19,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use quadrige_proxy::server::ListenerKind;
 use quadrige_proxy::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -308,6 +309,8 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     /// The HTTPS listener, when the config has one.
     pub tls_addr: Option<SocketAddr>,
+    /// The admin listener, when the config has one.
+    pub admin_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<()>,
 }
@@ -325,9 +328,11 @@ impl TestProxy {
         }
         let config = Config::parse(&text, Path::new("test.toml")).expect("test config is valid");
         let server = Server::bind(&config).await.expect("proxy binds");
-        let addrs = server.local_addrs();
-        let addr = addrs[0];
-        let tls_addr = addrs.get(1).copied();
+        let bound = server.bound_addrs();
+        let of = |kind| bound.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a);
+        let addr = of(ListenerKind::Plain).expect("a plain listener");
+        let tls_addr = of(ListenerKind::Tls);
+        let admin_addr = of(ListenerKind::Admin);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -335,6 +340,7 @@ impl TestProxy {
         TestProxy {
             addr,
             tls_addr,
+            admin_addr,
             stop: Some(stop),
             task,
         }
