@@ -23,4 +23,6 @@ mkdir -p "$out/completions" "$out/man"
 "$bin" manpages "$out/man"
 gzip -9n "$out"/man/*.1
 
-cargo deb --no-build "$@"
+# Stripped: the release profile keeps line tables (debug = 1) for profiling, which
+# would make the installed binary several times larger.
+cargo deb --no-build --strip "$@"

@@ -669,6 +669,7 @@ pub fn budget(
         let _ = write!(header, "\n  note: {note}");
     }
     let table = RouteTable::new(config);
+    let mut needed = 0u64;
     let mut out = Vec::new();
     for route in table.iter() {
         let name = route.name.to_string();
@@ -754,6 +755,7 @@ pub fn budget(
                 let mut fixes = Vec::new();
                 match proxy {
                     Some(p) => {
+                        needed = needed.max(p.as_secs() + MARGIN);
                         fixes.push(gunicorn.fix(p.as_secs() + MARGIN));
                         let shorter = (g.as_secs() * 9 / 10).max(1);
                         fixes.push(lines.describe(&name, &config.source, &secs_text(shorter)));
@@ -800,6 +802,13 @@ pub fn budget(
             chain,
             warnings,
         });
+    }
+    if needed > 0 {
+        let _ = write!(
+            header,
+            "\n  one change covers every route below: {}",
+            gunicorn.fix(needed)
+        );
     }
     (header, out)
 }
@@ -1030,6 +1039,10 @@ upstream = "usershub"
         assert!(by_name("(defaults)").warnings.is_empty());
         let text = render(&header, &budgets);
         assert!(text.contains("1 warning(s)"), "{text}");
+        assert!(
+            text.contains("one change covers every route below: GUNICORN_TIMEOUT=3660"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -150,6 +150,14 @@ fn a_60_minute_route_in_front_of_gunicorn_timeout_600_names_both_fixes() {
         .unwrap();
     assert!(usershub.contains("upstream `usershub` is not this Gunicorn"));
     assert!(out.contains("5 warning(s)"), "{out}");
+    // The longest route sets the one value that fixes them all.
+    assert!(
+        out.contains(&format!(
+            "one change covers every route below: GUNICORN_TIMEOUT=3660 in {} (line 3)",
+            environ_path.display()
+        )),
+        "{out}"
+    );
 }
 
 #[test]

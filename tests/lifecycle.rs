@@ -128,6 +128,15 @@ async fn shutdown_grace_bounds_the_drain() {
         took < Duration::from_secs(3),
         "the drain took {took:?} with a 500 ms grace"
     );
+    // Past the grace the connection is closed too, not left running in the process.
+    let mut rest = Vec::new();
+    let read = within(
+        Duration::from_secs(3),
+        "the client connection closing",
+        async { tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await },
+    )
+    .await;
+    assert!(read.is_ok(), "{read:?}");
 }
 
 fn run(args: &[&str]) -> Output {

@@ -128,6 +128,8 @@ static = {{ root = "{d}/dist", strip_prefix = "/linked", allow_symlinks_outside 
 name = "frontend"
 match = {{ path_prefix = "/geonature" }}
 static = {{ root = "{d}/dist", strip_prefix = "/geonature", cache_control = "no-cache" }}
+[log]
+access = "{d}/access.log"
 "#
     )
 }
@@ -630,6 +632,59 @@ async fn a_big_file_streams_intact() {
         (BIG_LEN >> 20) as f64 / elapsed.as_secs_f64()
     );
     assert_eq!(up.seen.count(), 0);
+}
+
+/// The access log line of the first request for `target`, once the writer has it.
+async fn logged(site: &Site, method: &str, target: &str) -> String {
+    let wanted = format!("\"{method} {target} HTTP/1.1\" ");
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(site.path("access.log")).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(&wanted)) {
+            return line.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no access log line for {method} {target}");
+}
+
+#[tokio::test]
+async fn the_access_log_counts_the_bytes_each_answer_sent() {
+    let (site, _up, proxy) = setup().await;
+    let full = get(proxy.addr, "/geonature/main.js?log=full", "").await;
+    let etag = full.header("etag").unwrap().to_string();
+    get(
+        proxy.addr,
+        "/geonature/main.js?log=range",
+        "Range: bytes=0-9\r\n",
+    )
+    .await;
+    let not_modified = format!("If-None-Match: {etag}\r\n");
+    get(proxy.addr, "/geonature/main.js?log=304", &not_modified).await;
+    head_of(&proxy, "/geonature/main.js?log=head", "").await;
+    get(proxy.addr, "/geonature/../x?log=refused", "").await;
+    let expect = [
+        (
+            "GET",
+            "/geonature/main.js?log=full",
+            format!("\" 200 {} ", MAIN_JS.len()),
+        ),
+        (
+            "GET",
+            "/geonature/main.js?log=range",
+            "\" 206 10 ".to_string(),
+        ),
+        ("GET", "/geonature/main.js?log=304", "\" 304 - ".to_string()),
+        (
+            "HEAD",
+            "/geonature/main.js?log=head",
+            "\" 200 - ".to_string(),
+        ),
+        ("GET", "/geonature/../x?log=refused", "\" 404 ".to_string()),
+    ];
+    for (method, target, fields) in expect {
+        let line = logged(&site, method, target).await;
+        assert!(line.contains(&fields), "{line}");
+    }
 }
 
 #[tokio::test]

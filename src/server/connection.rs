@@ -17,9 +17,14 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::io::{ClientStream, WriteStallLimit};
-use super::{ListenerKind, Shared};
+use super::{ListenerKind, Shared, Stop};
 use crate::body::ResponseBody;
 use crate::proxy::Client;
+
+/// hyper buffers up to this much of a response for a client that reads slowly (its
+/// default is ~400 KiB): with many slow downloads that is most of the proxy's memory,
+/// and 16 KiB still moves gigabytes per second. It also bounds a request head.
+const CLIENT_BUFFER: usize = 16 * 1024;
 
 /// Serves `stream` until the client leaves, or until shutdown lets its in-flight
 /// requests finish.
@@ -28,7 +33,7 @@ pub async fn serve(
     peer: SocketAddr,
     kind: ListenerKind,
     shared: Arc<Shared>,
-    stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<Stop>,
 ) {
     let _ = stream.set_nodelay(true);
     let runtime = shared.runtime.load_full();
@@ -73,7 +78,7 @@ async fn serve_http<S>(
     h2: bool,
     client: Client,
     shared: Arc<Shared>,
-    stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<Stop>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -85,7 +90,12 @@ async fn serve_http<S>(
         // Each request runs under the configuration current when it arrived; a reload
         // never changes the rules of an exchange already under way.
         let runtime = shared.runtime.load_full();
-        async move { Ok::<_, Infallible>(runtime.proxy.handle(request, &client).await) }
+        async move {
+            // Boxed: hyper keeps the service future inline in each connection's state, so
+            // an unboxed one would cost every idle keep-alive connection its full size.
+            let handling = Box::pin(async { runtime.proxy.handle(request, &client).await });
+            Ok::<_, Infallible>(handling.await)
+        }
     });
     let io = TokioIo::new(io);
     let result = if h2 {
@@ -98,6 +108,7 @@ async fn serve_http<S>(
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .keep_alive(true)
+            .max_buf_size(CLIENT_BUFFER)
             .serve_connection(io, service);
         until_drained(connection, stopped).await
     };
@@ -107,7 +118,7 @@ async fn serve_http<S>(
 }
 
 /// The admin listener: HTTP/1.1 only, answered from the current configuration.
-async fn serve_admin(stream: TcpStream, shared: Arc<Shared>, stopped: watch::Receiver<bool>) {
+async fn serve_admin(stream: TcpStream, shared: Arc<Shared>, stopped: watch::Receiver<Stop>) {
     let service = service_fn(move |request: Request<Incoming>| {
         let runtime = shared.runtime.load_full();
         async move { Ok::<_, Infallible>(crate::admin::handle(&runtime.proxy, &request)) }
@@ -149,18 +160,20 @@ where
 
 async fn until_drained<C: GracefulConnection>(
     connection: C,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<Stop>,
 ) -> hyper::Result<()> {
     tokio::pin!(connection);
     let finished = tokio::select! {
         result = connection.as_mut() => Some(result),
-        _ = stopped.wait_for(|stop| *stop) => None,
+        _ = stopped.wait_for(|stop| *stop != Stop::Running) => None,
     };
-    match finished {
-        Some(result) => result,
-        None => {
-            connection.as_mut().start_graceful_close();
-            connection.await
-        }
+    if let Some(result) = finished {
+        return result;
+    }
+    connection.as_mut().start_graceful_close();
+    tokio::select! {
+        result = connection.as_mut() => result,
+        // Dropping the connection closes the socket and cancels its upstream request.
+        _ = stopped.wait_for(|stop| *stop == Stop::Now) => Ok(()),
     }
 }

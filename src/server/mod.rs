@@ -92,6 +92,16 @@ impl Runtime {
     }
 }
 
+/// Where the server is in its life, as connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// Finish the request in flight, then close.
+    Drain,
+    /// The grace is over: close now.
+    Now,
+}
+
 /// What connections share: the current configuration.
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
@@ -149,7 +159,7 @@ pub struct Server {
     listeners: HashMap<ListenerKey, Listener>,
     /// Where reloads read the configuration from.
     source: PathBuf,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
 }
 
 impl Server {
@@ -176,7 +186,7 @@ impl Server {
             }),
             listeners,
             source: config.source.clone(),
-            stop: watch::channel(false).0,
+            stop: watch::channel(Stop::Running).0,
         })
     }
 
@@ -310,7 +320,7 @@ impl Server {
     }
 
     async fn drain(mut self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Stop::Drain);
         for (_, listener) in self.listeners.drain() {
             if let Some((_, task)) = listener.running {
                 let _ = task.await;
@@ -330,6 +340,9 @@ impl Server {
                 still_open = self.stop.receiver_count(),
                 "shutdown grace elapsed: closing the remaining connections"
             );
+            let _ = self.stop.send(Stop::Now);
+            // Each connection drops at its next poll; give them a moment to go.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.stop.closed()).await;
         }
     }
 }
@@ -344,12 +357,12 @@ async fn accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
     shared: Arc<Shared>,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<Stop>,
     mut removed: oneshot::Receiver<()>,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => return,
+            _ = stopped.wait_for(|stop| *stop != Stop::Running) => return,
             _ = &mut removed => return,
             accepted = listener.accept() => accepted,
         };

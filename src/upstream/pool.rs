@@ -175,7 +175,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, connection) = http1::Builder::new()
-        .max_buf_size(64 * 1024)
+        // Small buffers: backpressure reaches the upstream sooner, memory stays per-stream small.
+        .max_buf_size(16 * 1024)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;
