@@ -77,7 +77,11 @@ if [ -e /etc/systemd/system/multi-user.target.wants/quadrige-proxy.service ]; th
 fi
 ok "the unit is not enabled (no multi-user.target.wants link) and was not started"
 dpkg-query -W -f='${Conffiles}\n' quadrige-proxy | grep -q '/etc/quadrige-proxy/proxy.toml' || fail "proxy.toml is not a conffile"
-cmp -s /etc/quadrige-proxy/proxy.toml config/geonature.toml || fail "/etc/quadrige-proxy/proxy.toml is not config/geonature.toml"
+dpkg-deb --fsys-tarfile "$deb1" | tar -xO ./etc/quadrige-proxy/proxy.toml > /tmp/qp-packaged.toml
+cmp -s /etc/quadrige-proxy/proxy.toml /tmp/qp-packaged.toml || fail "/etc/quadrige-proxy/proxy.toml is not the packaged one"
+rm -f /tmp/qp-packaged.toml
+grep -q 'production equivalent of the Apache config GeoNature installs' /etc/quadrige-proxy/proxy.toml \
+    || fail "/etc/quadrige-proxy/proxy.toml is not config/geonature.toml"
 ok "/etc/quadrige-proxy/proxy.toml: conffile, config/geonature.toml"
 dpkg-query -W -f='${Conffiles}\n' quadrige-proxy | grep -q '/etc/logrotate.d/quadrige-proxy' || fail "no logrotate conffile"
 grep -q 'systemctl reload quadrige-proxy' /etc/logrotate.d/quadrige-proxy || fail "logrotate does not reload"

@@ -29,11 +29,10 @@ pub fn handle<B>(proxy: &Proxy, request: &Request<B>) -> Response<ResponseBody> 
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(proxy)),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/status.json" => reply(StatusCode::OK, "application/json", status_json(proxy)),
-        "/" => reply(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            status_page(proxy),
-        ),
+        "/" => {
+            let refresh = refresh_seconds(request.uri().query());
+            reply(StatusCode::OK, "text/html; charset=utf-8", status_page(proxy, refresh))
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
@@ -370,13 +369,24 @@ h2{font-size:1.1em;margin-top:1.5em}table{border-collapse:collapse}th,td{padding
 border-bottom:1px solid #ddd;text-align:left}td.n{text-align:right}.down{color:#b00;font-weight:bold}\
 .up{color:#070}";
 
-/// The status page: refreshes every 2 s through a meta tag, no script, no asset.
-pub fn status_page(proxy: &Proxy) -> String {
+/// `?refresh=N` sets the page's refresh period in seconds (2 by default, 0 for none).
+fn refresh_seconds(query: Option<&str>) -> u32 {
+    query
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("refresh=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// The status page: refreshes itself through a meta tag, no script, no asset.
+pub fn status_page(proxy: &Proxy, refresh: u32) -> String {
     let mut out = String::with_capacity(8 * 1024);
+    out.push_str("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">");
+    if refresh > 0 {
+        let _ = write!(out, "<meta http-equiv=\"refresh\" content=\"{refresh}\">");
+    }
     let _ = write!(
         out,
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-         <title>quadrige-proxy status</title><style>{STYLE}</style></head><body>\
+        "<title>quadrige-proxy status</title><style>{STYLE}</style></head><body>\
          <h1>quadrige-proxy {}</h1>",
         env!("CARGO_PKG_VERSION")
     );

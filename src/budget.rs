@@ -775,33 +775,26 @@ pub fn budget(
                 });
             }
         }
-        if let (Some(w), Some(g)) = (upstream.worker_timeout, gunicorn.timeout) {
-            if w != g
-                && out.iter().all(|r: &RouteBudget| {
-                    !r.warnings.iter().any(|x| x.text.contains("worker_timeout"))
-                })
-            {
-                warnings.push(Warning {
-                    text: format!(
-                        "[upstreams.{}] worker_timeout is {} but Gunicorn's --timeout is {}",
-                        upstream.name,
-                        show(Some(w)),
-                        show(Some(g))
-                    ),
-                    fixes: vec![format!(
-                        "worker_timeout = \"{}\" in [upstreams.{}] of {}",
-                        secs_text(g.as_secs()),
-                        upstream.name,
-                        config.source.display()
-                    )],
-                });
-            }
-        }
         out.push(RouteBudget {
             route: name,
             chain,
             warnings,
         });
+    }
+    // The proxy's own idea of Gunicorn's timeout, used to recognise a killed worker.
+    let upstream = &config.upstreams[target];
+    if let (Some(w), Some(g)) = (upstream.worker_timeout, gunicorn.timeout) {
+        if w != g {
+            let _ = write!(
+                header,
+                "\n  note: [upstreams.{}] worker_timeout is {} but Gunicorn's --timeout is {}: make them equal (worker_timeout = \"{}\" in {}, or Gunicorn's value)",
+                upstream.name,
+                show(Some(w)),
+                show(Some(g)),
+                secs_text(g.as_secs()),
+                config.source.display()
+            );
+        }
     }
     if needed > 0 {
         let _ = write!(
@@ -1064,6 +1057,24 @@ upstream = "usershub"
         assert!(extraction.warnings[0]
             .text
             .contains("browser gives up after 5m"));
+    }
+
+    #[test]
+    fn a_worker_timeout_that_disagrees_with_gunicorn_is_noted_once() {
+        let text = CONFIG.replace(
+            "address = \"127.0.0.1:8000\"",
+            "address = \"127.0.0.1:8000\"\nworker_timeout = \"60m\"",
+        );
+        let config = Config::parse(&text, Path::new("proxy.toml")).unwrap();
+        let g = Gunicorn::from_timeout(600);
+        let (header, _) = budget(&config, &g, None, &TimerLines::scan(&text));
+        assert_eq!(
+            header
+                .matches("worker_timeout is 1h but Gunicorn's --timeout is 10m")
+                .count(),
+            1,
+            "{header}"
+        );
     }
 
     #[test]

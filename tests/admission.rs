@@ -520,3 +520,84 @@ async fn the_admin_listener_refuses_addresses_outside_its_allow_list() {
     .unwrap_or(0);
     assert_eq!(n, 0, "closed without an answer");
 }
+
+#[tokio::test]
+async fn a_unix_socket_server_serves_like_a_tcp_one() {
+    let path = std::env::temp_dir().join(format!("qp-gunicorn-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                    let host = request.headers().get("host").cloned();
+                    let mut response = text(StatusCode::OK, "over unix");
+                    if let Some(host) = host {
+                        response.headers_mut().insert("x-seen-host", host);
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let unused = MockUpstream::new().start().await;
+    let config = format!("[upstreams.gn]\nservers = [\"unix:{}\"]\n", path.display());
+    let proxy = TestProxy::start(&config, unused.addr).await;
+    let response = get(proxy.addr, "/geonature/api/x", "").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "over unix");
+    assert_eq!(response.header("x-seen-host"), Some("localhost"));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn no_healthy_server_answers_503_at_once() {
+    let sick = MockUpstream::new()
+        .route("/health", |_, _| async { text(StatusCode::SERVICE_UNAVAILABLE, "sick") })
+        .start()
+        .await;
+    let config = "[upstreams.gn]\naddress = \"{upstream}\"\nhealth_check = { path = \"/health\", interval = \"100ms\", timeout = \"1s\" }\n";
+    let proxy = TestProxy::start(config, sick.addr).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = sick.seen.count();
+    let response = get(proxy.addr, "/geonature/api/x", "Accept: application/json\r\n").await;
+    assert_eq!(response.status, 503);
+    assert_eq!(json_str(&response.text(), "error").as_deref(), Some("no_healthy_server"));
+    assert!(response.header("retry-after").is_some());
+    let forwarded = sick
+        .seen
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(before)
+        .filter(|r| r.target != "/health")
+        .count();
+    assert_eq!(forwarded, 0, "nothing but health checks reached the sick server");
+}
+
+#[test]
+fn check_warns_about_timers_longer_than_gunicorns_and_caps_that_take_every_worker() {
+    let dir = std::env::temp_dir().join(format!("qp-check-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[upstreams.gn]\naddress = \"127.0.0.1:8000\"\nmax_connections = 4\nworker_timeout = \"30s\"\n\
+         [[routes]]\nname = \"extraction\"\nmatch = { path_prefix = \"/x\" }\ntimeouts = { response_header = \"20m\", total = \"10m\" }\nmax_concurrent = 4\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_quadrige-proxy"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("warning: route `extraction`: its timers (20m response_header"), "{text}");
+    assert!(text.contains("worker_timeout 30s"), "{text}");
+    assert!(text.contains("exceed total (10m)"), "{text}");
+    assert!(text.contains("max_concurrent 4 can take every worker"), "{text}");
+}

@@ -507,3 +507,34 @@ fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[tokio::test]
+async fn the_status_page_renders_in_chromium_with_a_request_in_flight() {
+    if !Path::new(CHROMIUM).exists() {
+        eprintln!("SKIPPED status page browser test: {CHROMIUM} is missing");
+        return;
+    }
+    let upstream = MockUpstream::new()
+        .delayed("/geonature/api/slow", Duration::from_secs(20), "late")
+        .start()
+        .await;
+    let config = "[admin]\nlisten = \"127.0.0.1:0\"\n[upstreams.gn]\naddress = \"{upstream}\"\nmax_connections = 4\n\
+        [[routes]]\nname = \"exports\"\nmatch = { path_prefix = \"/geonature/api/slow\" }\ntimeouts = { response_header = \"1m\" }\n";
+    let proxy = TestProxy::start(config, upstream.addr).await;
+    let addr = proxy.addr;
+    let _slow = tokio::spawn(async move { get(addr, "/geonature/api/slow-export", "").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = proxy.admin_addr.expect("admin listener");
+    let profile = std::env::temp_dir().join(format!("qp-status-chromium-{}", std::process::id()));
+    // `refresh=0`: a page that reloads itself never lets --dump-dom finish.
+    let run = run_chromium(&profile, "none", &format!("http://{admin}/?refresh=0")).await;
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(!run.timed_out, "chromium hung: {}", tail(&run.stderr, 20));
+    let dom = run.stdout;
+    let table_start = dom.find("id=\"in-flight\"").expect("the in-flight table");
+    let in_flight = &dom[table_start..table_start + dom[table_start..].find("</table>").unwrap()];
+    assert!(in_flight.contains("GET /geonature/api/slow-export"), "{dom}");
+    assert!(dom.contains("waiting for the upstream"), "{dom}");
+    assert!(dom.contains("exports"), "{dom}");
+    assert!(dom.contains(&upstream.addr.to_string()), "the upstream's server is listed: {dom}");
+}
