@@ -31,7 +31,11 @@ pub fn handle<B>(proxy: &Proxy, request: &Request<B>) -> Response<ResponseBody> 
         "/status.json" => reply(StatusCode::OK, "application/json", status_json(proxy)),
         "/" => {
             let refresh = refresh_seconds(request.uri().query());
-            reply(StatusCode::OK, "text/html; charset=utf-8", status_page(proxy, refresh))
+            reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                status_page(proxy, refresh),
+            )
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

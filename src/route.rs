@@ -2,11 +2,15 @@
 //! which route it belongs to.
 //!
 //! Routes are tried in file order and the first whose matchers all match wins; a
-//! request no route matches gets the defaults. Matching looks at the raw (still
-//! percent-encoded) path, as it will be forwarded. A route that names
+//! request no route matches gets the defaults. Matching looks at the percent-decoded
+//! path, which is what GeoNature sees (Gunicorn decodes `PATH_INFO`) and what Apache's
+//! `<Location>` matches: on the raw path, `/geonature/api/%61dmin/` would escape a route
+//! (and its `allow`/`deny` and client limits) while GeoNature still served it as
+//! `/geonature/api/admin/`. The request is forwarded as received. A route that names
 //! `graphql_operations` needs the operation name, which may sit in the request body:
 //! [`RouteTable::select`] then says so, the proxy peeks at the body once and asks again.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
@@ -136,6 +140,7 @@ impl RouteTable {
         path: &str,
         operations: Option<&[String]>,
     ) -> Selection {
+        let path = &*decoded_path(path);
         for (index, route) in self.routes.iter().enumerate().skip(start) {
             if !route.matches_request_line(method, path) {
                 continue;
@@ -221,6 +226,34 @@ impl RouteTable {
     }
 }
 
+/// The path routes match: every `%XX` escape decoded (a broken one is kept as is), bytes
+/// that are not UTF-8 replaced.
+pub fn decoded_path(raw: &str) -> Cow<'_, str> {
+    if !raw.contains('%') {
+        return Cow::Borrowed(raw);
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = bytes
+            .get(i + 1..i + 3)
+            .filter(|hex| bytes[i] == b'%' && hex.iter().all(u8::is_ascii_hexdigit));
+        match escape {
+            Some(hex) => {
+                let hex = std::str::from_utf8(hex).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +295,27 @@ match = { path = "/graphql" }
             Selection::Route(Some(2))
         );
         assert_eq!(t.get(None).name.as_ref(), "(defaults)");
+    }
+
+    #[test]
+    fn routes_match_the_decoded_path() {
+        let t = table(ROUTES);
+        let post = Method::POST;
+        for encoded in [
+            "/geonature/api/%71uadrige/data-extractions",
+            "/geonature/api/quadrige%2Fdata-extractions",
+            "/geonature%2fapi%2Fquadrige%2Fx",
+        ] {
+            assert_eq!(
+                t.select(0, &post, encoded, None),
+                Selection::Route(Some(0)),
+                "{encoded}"
+            );
+        }
+        assert_eq!(decoded_path("/a%zz%4"), "/a%zz%4");
+        assert_eq!(decoded_path("/%C3%A9t%C3%A9"), "/été");
+        assert_eq!(decoded_path("/%ff"), "/\u{fffd}");
+        assert!(matches!(decoded_path("/plain"), Cow::Borrowed("/plain")));
     }
 
     #[test]

@@ -529,14 +529,16 @@ async fn a_unix_socket_server_serves_like_a_tcp_one() {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
-                    let host = request.headers().get("host").cloned();
-                    let mut response = text(StatusCode::OK, "over unix");
-                    if let Some(host) = host {
-                        response.headers_mut().insert("x-seen-host", host);
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                });
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        let host = request.headers().get("host").cloned();
+                        let mut response = text(StatusCode::OK, "over unix");
+                        if let Some(host) = host {
+                            response.headers_mut().insert("x-seen-host", host);
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -556,16 +558,26 @@ async fn a_unix_socket_server_serves_like_a_tcp_one() {
 #[tokio::test]
 async fn no_healthy_server_answers_503_at_once() {
     let sick = MockUpstream::new()
-        .route("/health", |_, _| async { text(StatusCode::SERVICE_UNAVAILABLE, "sick") })
+        .route("/health", |_, _| async {
+            text(StatusCode::SERVICE_UNAVAILABLE, "sick")
+        })
         .start()
         .await;
     let config = "[upstreams.gn]\naddress = \"{upstream}\"\nhealth_check = { path = \"/health\", interval = \"100ms\", timeout = \"1s\" }\n";
     let proxy = TestProxy::start(config, sick.addr).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let before = sick.seen.count();
-    let response = get(proxy.addr, "/geonature/api/x", "Accept: application/json\r\n").await;
+    let response = get(
+        proxy.addr,
+        "/geonature/api/x",
+        "Accept: application/json\r\n",
+    )
+    .await;
     assert_eq!(response.status, 503);
-    assert_eq!(json_str(&response.text(), "error").as_deref(), Some("no_healthy_server"));
+    assert_eq!(
+        json_str(&response.text(), "error").as_deref(),
+        Some("no_healthy_server")
+    );
     assert!(response.header("retry-after").is_some());
     let forwarded = sick
         .seen
@@ -576,7 +588,10 @@ async fn no_healthy_server_answers_503_at_once() {
         .skip(before)
         .filter(|r| r.target != "/health")
         .count();
-    assert_eq!(forwarded, 0, "nothing but health checks reached the sick server");
+    assert_eq!(
+        forwarded, 0,
+        "nothing but health checks reached the sick server"
+    );
 }
 
 #[test]
@@ -596,8 +611,14 @@ fn check_warns_about_timers_longer_than_gunicorns_and_caps_that_take_every_worke
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{text}");
-    assert!(text.contains("warning: route `extraction`: its timers (20m response_header"), "{text}");
+    assert!(
+        text.contains("warning: route `extraction`: its timers (20m response_header"),
+        "{text}"
+    );
     assert!(text.contains("worker_timeout 30s"), "{text}");
     assert!(text.contains("exceed total (10m)"), "{text}");
-    assert!(text.contains("max_concurrent 4 can take every worker"), "{text}");
+    assert!(
+        text.contains("max_concurrent 4 can take every worker"),
+        "{text}"
+    );
 }

@@ -533,8 +533,14 @@ async fn the_status_page_renders_in_chromium_with_a_request_in_flight() {
     let dom = run.stdout;
     let table_start = dom.find("id=\"in-flight\"").expect("the in-flight table");
     let in_flight = &dom[table_start..table_start + dom[table_start..].find("</table>").unwrap()];
-    assert!(in_flight.contains("GET /geonature/api/slow-export"), "{dom}");
+    assert!(
+        in_flight.contains("GET /geonature/api/slow-export"),
+        "{dom}"
+    );
     assert!(dom.contains("waiting for the upstream"), "{dom}");
     assert!(dom.contains("exports"), "{dom}");
-    assert!(dom.contains(&upstream.addr.to_string()), "the upstream's server is listed: {dom}");
+    assert!(
+        dom.contains(&upstream.addr.to_string()),
+        "the upstream's server is listed: {dom}"
+    );
 }

@@ -16,6 +16,7 @@ use crate::upstream::{AdmitError, ConnectError};
 
 use super::admit::Refusal;
 
+use super::conformance::Malformed;
 use super::headers::X_REQUEST_ID;
 
 /// The four per-route upstream timers.
@@ -70,6 +71,9 @@ pub enum ProxyError {
     },
     #[error("{0}; the request was not sent, try again later")]
     Unavailable(AdmitError, Duration),
+    /// Refused before routing: see `conformance`.
+    #[error("{0}")]
+    Malformed(Malformed),
 }
 
 fn timeout_message(timer: TimerKind, limit: Duration) -> String {
@@ -109,6 +113,7 @@ impl ProxyError {
                 Refusal::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
             ProxyError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Malformed(m) => m.status(),
         }
     }
 
@@ -147,6 +152,7 @@ impl ProxyError {
             ProxyError::Unavailable(AdmitError::QueueFull(_), _) => "upstream_queue_full",
             ProxyError::Unavailable(AdmitError::QueueTimeout(_), _) => "upstream_queue_timeout",
             ProxyError::Unavailable(AdmitError::NoHealthyServer, _) => "no_healthy_server",
+            ProxyError::Malformed(m) => m.code(),
         }
     }
 
@@ -167,6 +173,7 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout { .. }
                 | ProxyError::BodyTooLarge { .. }
                 | ProxyError::ClientAborted
+                | ProxyError::Malformed(_)
         )
     }
 }
@@ -196,6 +203,12 @@ pub fn error_response(error: &ProxyError, ctx: &ErrorContext<'_>) -> Response<Re
     headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
     if error.closes_connection() {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let ProxyError::Malformed(Malformed::Connect) = error {
+        headers.insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
     }
     if let Some(after) = error.retry_after() {
         // Whole seconds, rounded up: "0" would invite an immediate retry.

@@ -114,25 +114,35 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
 
 /// The address the request really comes from: the peer, unless the peer is a trusted
 /// proxy, in which case the right-most untrusted address of `X-Forwarded-For`.
+///
+/// The list is walked from the right, where our trusted proxies appended what they saw;
+/// an entry that is not an address ends the walk (the last address believed wins, as
+/// nginx's `real_ip_recursive` does): whatever lies left of it was written by the
+/// client and cannot be vouched for.
 pub fn real_client(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
         return peer;
     }
-    let chain: Vec<IpAddr> = headers
+    let lines: Vec<Option<&str>> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map_while(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map(|v| v.to_str().ok())
         .collect();
-    chain
-        .iter()
-        .rev()
-        .find(|ip| !is_trusted(**ip))
-        .or(chain.first())
-        .copied()
-        .unwrap_or(peer)
+    let mut client = peer;
+    for line in lines.iter().rev() {
+        let Some(line) = line else {
+            return client;
+        };
+        for entry in line.rsplit(',') {
+            match entry.trim().parse::<IpAddr>() {
+                Ok(ip) if is_trusted(ip) => client = ip,
+                Ok(ip) => return ip,
+                Err(_) => return client,
+            }
+        }
+    }
+    client
 }
 
 /// Rewrites the upstream's response headers for the client.
@@ -160,15 +170,15 @@ fn rewrite_self_reference(
     upstream: &str,
     public: &str,
 ) {
+    // Bytes, not text: a value with non-ASCII bytes in its path is still ours to fix.
     let Some(rest) = headers
         .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix(upstream))
-        .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+        .and_then(|v| v.as_bytes().strip_prefix(upstream.as_bytes()))
+        .filter(|rest| rest.is_empty() || rest.starts_with(b"/") || rest.starts_with(b"?"))
     else {
         return;
     };
-    if let Ok(v) = HeaderValue::from_str(&format!("{public}{rest}")) {
+    if let Ok(v) = HeaderValue::from_bytes(&[public.as_bytes(), rest].concat()) {
         headers.insert(name.clone(), v);
     }
 }
@@ -312,6 +322,35 @@ mod tests {
     }
 
     #[test]
+    fn a_forged_address_behind_garbage_is_not_believed() {
+        // The client wrote `6.6.6.6, garbage`, our proxy 10.1.1.1 appended the peer it
+        // saw: walking from the right, the garbage ends the walk at 10.1.1.1.
+        let trusted = [
+            Cidr::parse("127.0.0.0/8").unwrap(),
+            Cidr::parse("10.0.0.0/8").unwrap(),
+        ];
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let ten: IpAddr = "10.1.1.1".parse().unwrap();
+        for chain in [
+            "10.9.9.9, garbage, 10.1.1.1",
+            "10.9.9.9, , 10.1.1.1",
+            "10.9.9.9,unknown,10.1.1.1",
+        ] {
+            let h = headers(&[("x-forwarded-for", chain)]);
+            assert_eq!(real_client(&h, local, &trusted), ten, "{chain}");
+        }
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "garbage"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ]);
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(real_client(&h, local, &trusted), outside);
+        let h = headers(&[("x-forwarded-for", "10.9.9.9, garbage")]);
+        assert_eq!(real_client(&h, local, &trusted), local);
+    }
+
+    #[test]
     fn location_pointing_at_the_upstream_is_rewritten() {
         let mut h = headers(&[("location", "http://127.0.0.1:8080/geonature/api/x?y=1")]);
         to_client(
@@ -329,6 +368,24 @@ mod tests {
             &HeaderValue::from_static("i"),
         );
         assert_eq!(h["location"], "http://127.0.0.1:80800/x");
+    }
+
+    #[test]
+    fn location_with_non_ascii_bytes_is_rewritten_too() {
+        // Found by the `headers` fuzz target: a value that is not visible ASCII kept
+        // the upstream's address.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_bytes(b"http://127.0.0.1:8080/geona\x8c\x94re/").unwrap(),
+        );
+        to_client(
+            &mut h,
+            "http://127.0.0.1:8080",
+            Some("https://gn.fr"),
+            &HeaderValue::from_static("i"),
+        );
+        assert_eq!(h["location"].as_bytes(), b"https://gn.fr/geona\x8c\x94re/");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! 5. **log**: written when the response body is done or dropped (see `access_log`).
 
 pub mod admit;
+pub mod conformance;
 mod early;
 pub mod error;
 mod forward;
@@ -115,6 +116,7 @@ impl Proxy {
         client: &Client,
     ) -> Response<ResponseBody> {
         let (mut parts, body) = request.into_parts();
+        let malformed = conformance::check(&parts).err();
         authority_as_host(&mut parts);
         let request_id = self.request_ids.for_request(&parts.headers);
         let client_ip =
@@ -122,7 +124,14 @@ impl Proxy {
         let mut exchange = Exchange::begin(self.access_log.clone(), &parts, client_ip, request_id);
         let live = self.live.track(client_ip, &parts.method, parts.uri.path());
         let wants_json = error::prefers_json(&parts.headers, parts.uri.path());
-        let mut response = match self.early.answer(&parts, client.scheme).await {
+        let early = match malformed {
+            Some(m) => {
+                let refused = self.explain(&ProxyError::Malformed(m), &exchange, wants_json);
+                Some(("(refused)", refused))
+            }
+            None => self.early.answer(&parts, client.scheme).await,
+        };
+        let mut response = match early {
             Some((name, response)) => {
                 exchange.route = Arc::from(name);
                 response
@@ -336,12 +345,10 @@ impl Proxy {
     }
 }
 
-/// HTTP/2 carries the host in `:authority`, not `Host`; everything downstream (Host
-/// rules, X-Forwarded-Host, redirects, Location rewriting) reads `Host`.
+/// HTTP/2 carries the host in `:authority`, not `Host`, and an absolute-form target's
+/// authority overrides `Host` (RFC 9112 §3.2.2); everything downstream (Host rules,
+/// X-Forwarded-Host, redirects, Location rewriting) reads `Host`.
 fn authority_as_host(parts: &mut Parts) {
-    if parts.headers.contains_key(header::HOST) {
-        return;
-    }
     if let Some(host) = parts
         .uri
         .authority()

@@ -23,7 +23,10 @@ use crate::proxy::Client;
 
 /// hyper buffers up to this much of a response for a client that reads slowly (its
 /// default is ~400 KiB): with many slow downloads that is most of the proxy's memory,
-/// and 16 KiB still moves gigabytes per second. It also bounds a request head.
+/// and 16 KiB still moves gigabytes per second. It also bounds a request head (request
+/// line and headers; over it: `431`, and more than 100 header fields also get `431`).
+/// The buffer size alone is a soft bound (a head arriving in one read can exceed it),
+/// so the head limit is also set exactly with `max_header_size`.
 const CLIENT_BUFFER: usize = 16 * 1024;
 
 /// Serves `stream` until the client leaves, or until shutdown lets its in-flight
@@ -109,6 +112,7 @@ async fn serve_http<S>(
             .header_read_timeout(header_read_timeout)
             .keep_alive(true)
             .max_buf_size(CLIENT_BUFFER)
+            .max_header_size(CLIENT_BUFFER)
             .serve_connection(io, service);
         until_drained(connection, stopped).await
     };

@@ -177,6 +177,9 @@ where
     let (sender, connection) = http1::Builder::new()
         // Small buffers: backpressure reaches the upstream sooner, memory stays per-stream small.
         .max_buf_size(16 * 1024)
+        // The buffer size alone is a soft bound on a response head (hyper let a 100 KiB
+        // one through a 64 KiB buffer); a larger head is a 502.
+        .max_header_size(16 * 1024)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;

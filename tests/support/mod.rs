@@ -842,3 +842,530 @@ pub fn watched_stream(
     });
     ChannelBody(rx).boxed()
 }
+
+// ---------------------------------------------------------------------------------
+// Helpers for the hostile-input and fault tests.
+
+/// What a [`recording_upstream`] read off the wire, connection by connection.
+#[derive(Default)]
+pub struct Wire {
+    /// Every byte read, per connection, in accept order.
+    pub connections: Mutex<Vec<Vec<u8>>>,
+    /// Complete requests parsed (and answered), in order: `METHOD target body-length`.
+    pub requests: Mutex<Vec<String>>,
+    /// Connections whose peer (the proxy) closed or reset them.
+    pub closed: AtomicUsize,
+}
+
+impl Wire {
+    /// Every byte read, all connections concatenated in accept order.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        self.connections.lock().unwrap().concat()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.lock().unwrap().len()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// The requests parsed from everything read, and the bytes that do not form one.
+    pub fn split(&self) -> (Vec<WireRequest>, Vec<u8>) {
+        let mut requests = Vec::new();
+        let mut rest = Vec::new();
+        for bytes in self.connections.lock().unwrap().iter() {
+            let (mut found, left) = split_requests(bytes);
+            requests.append(&mut found);
+            rest.extend_from_slice(&left);
+        }
+        (requests, rest)
+    }
+}
+
+/// One request as an upstream received it.
+#[derive(Debug, Clone)]
+pub struct WireRequest {
+    /// The request line and headers, exactly as received (with the blank line).
+    pub head: Vec<u8>,
+    pub method: String,
+    pub target: String,
+    /// Names lowercased, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body exactly as framed on the wire (chunk sizes and all).
+    pub raw_body: Vec<u8>,
+    /// The body with its framing removed.
+    pub body: Vec<u8>,
+}
+
+impl WireRequest {
+    /// Every value of header `name`.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The only value of header `name` (panics when there are several).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let all = self.all(name);
+        assert!(all.len() <= 1, "several `{name}` headers: {all:?}");
+        all.first().copied()
+    }
+}
+
+/// Parses as many complete HTTP/1.1 requests as `bytes` holds, strictly (CRLF line
+/// ends, Content-Length or a final `chunked` framing); returns them and the rest.
+pub fn split_requests(bytes: &[u8]) -> (Vec<WireRequest>, Vec<u8>) {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some((request, used)) = parse_wire_request(&bytes[at..]) {
+        found.push(request);
+        at += used;
+    }
+    (found, bytes[at..].to_vec())
+}
+
+/// One complete request at the start of `bytes`, with the number of bytes it used.
+pub fn parse_wire_request(bytes: &[u8]) -> Option<(WireRequest, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    let head = &bytes[..head_len];
+    // Strict: every line ends in CRLF and no bare CR or LF hides anywhere.
+    let strict = head.iter().enumerate().all(|(i, b)| match b {
+        b'\r' => head.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        _ => true,
+    });
+    if !strict {
+        return None;
+    }
+    let pairs: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let request = |raw_body: Vec<u8>, body: Vec<u8>| WireRequest {
+        head: head.to_vec(),
+        method: parsed.method.unwrap_or_default().to_string(),
+        target: parsed.path.unwrap_or_default().to_string(),
+        headers: pairs.clone(),
+        raw_body,
+        body,
+    };
+    let rest = &bytes[head_len..];
+    let te: Vec<&str> = pairs
+        .iter()
+        .filter(|(n, _)| n == "transfer-encoding")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if !te.is_empty() {
+        if te.len() != 1 || !te[0].eq_ignore_ascii_case("chunked") {
+            return None;
+        }
+        let (used, body) = decode_chunked_strictly(rest)?;
+        return Some((request(rest[..used].to_vec(), body), head_len + used));
+    }
+    let lengths: Vec<&str> = pairs
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let len = match lengths.as_slice() {
+        [] => 0,
+        [one] => one.parse::<usize>().ok()?,
+        _ => return None,
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let body = rest[..len].to_vec();
+    Some((request(body.clone(), body), head_len + len))
+}
+
+/// A complete chunked body at the start of `bytes` (no extensions, no trailers): the
+/// bytes it used and the decoded content.
+pub fn decode_chunked_strictly(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut at = 0;
+    let mut body = Vec::new();
+    loop {
+        let line_end = at + bytes[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&bytes[at..line_end]).ok()?;
+        if size_text.is_empty() || !size_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        at = line_end + 2;
+        if size == 0 {
+            return (bytes.get(at..at + 2)? == b"\r\n").then_some((at + 2, body));
+        }
+        body.extend_from_slice(bytes.get(at..at + size)?);
+        at += size;
+        if bytes.get(at..at + 2)? != b"\r\n" {
+            return None;
+        }
+        at += 2;
+    }
+}
+
+/// A [`recording_upstream`]; dropping it closes its listener and every connection.
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    pub wire: Arc<Wire>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A raw upstream that keeps every byte it reads (see [`Wire`]) and answers each
+/// complete request, after `delay`, with `200` and the body `METHOD target body-length`.
+/// Bytes that do not parse as a request are kept but never answered.
+pub async fn recording_upstream(delay: Duration) -> RecordingUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let wire = Arc::new(Wire::default());
+    let recorded = wire.clone();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let index = {
+                let mut all = recorded.connections.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            let wire = recorded.clone();
+            connections.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    wire.connections.lock().unwrap()[index].extend_from_slice(&chunk[..n]);
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some((request, used)) = parse_wire_request(&buf) {
+                        buf.drain(..used);
+                        let summary =
+                            format!("{} {} {}", request.method, request.target, request.body.len());
+                        wire.requests.lock().unwrap().push(summary.clone());
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{summary}",
+                            summary.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                wire.closed.fetch_add(1, Ordering::SeqCst);
+            });
+            // Reap finished connection tasks as we go.
+            while connections.try_join_next().is_some() {}
+        }
+    });
+    RecordingUpstream { addr, wire, task }
+}
+
+/// Every response in `bytes`, in order, and the bytes after the last complete one.
+pub fn parse_responses(mut bytes: &[u8]) -> (Vec<RawResponse>, Vec<u8>) {
+    let mut found = Vec::new();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(bytes) else {
+            break;
+        };
+        let status = parsed.code.unwrap();
+        let headers: HashMap<String, String> = parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let rest = &bytes[head_len..];
+        let (body, used, complete) = if status == 204 || status == 304 || status < 200 {
+            (Vec::new(), 0, true)
+        } else if let Some(len) = headers.get("content-length") {
+            let len: usize = len.parse().unwrap();
+            let take = len.min(rest.len());
+            (rest[..take].to_vec(), take, take == len)
+        } else if headers
+            .get("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked"))
+        {
+            match decode_chunked_strictly(rest) {
+                Some((used, body)) => (body, used, true),
+                None => (rest.to_vec(), rest.len(), false),
+            }
+        } else {
+            (rest.to_vec(), rest.len(), true)
+        };
+        found.push(RawResponse {
+            status,
+            headers,
+            body,
+            complete,
+        });
+        bytes = &rest[used..];
+        if !complete {
+            break;
+        }
+    }
+    (found, bytes.to_vec())
+}
+
+/// Reads until the peer closes (or resets) the connection, for at most `limit`.
+/// Returns the bytes and whether the connection was closed within the limit.
+pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return (bytes, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (bytes, true),
+            Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sends `request` on a new connection, then reads everything until the proxy closes
+/// it (at most `limit`): the responses parsed, and whether it closed.
+pub async fn exchange_raw(
+    addr: SocketAddr,
+    request: &[u8],
+    limit: Duration,
+) -> (Vec<RawResponse>, bool) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let (bytes, closed) = read_until_close(&mut stream, limit).await;
+    let (responses, _) = parse_responses(&bytes);
+    (responses, closed)
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Tasks alive on the current tokio runtime.
+pub fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Open descriptors and live tasks, to compare before and after a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub fds: usize,
+    pub tasks: usize,
+}
+
+impl Resources {
+    pub fn now() -> Resources {
+        Resources {
+            fds: open_fds(),
+            tasks: alive_tasks(),
+        }
+    }
+
+    /// Waits (bounded) until descriptors and tasks are back to at most this baseline;
+    /// panics with both counts when they are not.
+    pub async fn settle_back(self, limit: Duration, what: &str) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let now = Resources::now();
+            if now.fds <= self.fds && now.tasks <= self.tasks {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("{what}: leaked resources: baseline {self:?}, after {now:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A mock upstream that can be killed outright: [`KillableUpstream::kill`] closes the
+/// listener and every open connection at once, like a restarted Gunicorn.
+pub struct KillableUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Recorded>,
+    task: JoinHandle<()>,
+}
+
+impl KillableUpstream {
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for KillableUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockUpstream {
+    /// Starts on `addr` (port 0 for any), with every connection owned by the server's
+    /// task so that [`KillableUpstream::kill`] ends them all.
+    pub async fn start_killable(self, addr: SocketAddr) -> KillableUpstream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(1024).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Recorded::default());
+        let routes = Arc::new(self.routes);
+        let recorded = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                recorded.connections.fetch_add(1, Ordering::SeqCst);
+                let routes = routes.clone();
+                let recorded = recorded.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let routes = routes.clone();
+                        let recorded = recorded.clone();
+                        async move {
+                            recorded.requests.lock().unwrap().push(SeenRequest {
+                                method: req.method().clone(),
+                                target: req.uri().to_string(),
+                                headers: req.headers().clone(),
+                            });
+                            let path = req.uri().path().to_string();
+                            let handler = routes.iter().find(|(p, _)| path.starts_with(p.as_str()));
+                            let response = match handler {
+                                Some((_, h)) => h(req, recorded).await,
+                                None => text(StatusCode::OK, "ok"),
+                            };
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        KillableUpstream { addr, seen, task }
+    }
+}
+
+/// A scripted raw upstream like [`raw_upstream`], except that it keeps every byte it
+/// reads in a [`Wire`], that [`Step::Stall`] waits (still reading) until the proxy
+/// closes the connection, which [`Wire::closed`] then counts, and that the connection
+/// is closed when the script ends. Dropping it ends every connection.
+pub async fn scripted_upstream(script: Vec<Step>) -> RecordingUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let wire = Arc::new(Wire::default());
+    let recorded = wire.clone();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let index = {
+                let mut all = recorded.connections.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            let wire = recorded.clone();
+            let script = script.clone();
+            connections.spawn(async move {
+                let mut chunk = vec![0u8; 64 * 1024];
+                // The request head first.
+                loop {
+                    let n = match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            wire.closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(n) => n,
+                    };
+                    let mut all = wire.connections.lock().unwrap();
+                    all[index].extend_from_slice(&chunk[..n]);
+                    if all[index].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                for step in script {
+                    match step {
+                        Step::Write(bytes) => {
+                            if stream.write_all(bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Step::Sleep(d) => tokio::time::sleep(d).await,
+                        Step::Stall => loop {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => {
+                                    wire.closed.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                                Ok(n) => wire.connections.lock().unwrap()[index]
+                                    .extend_from_slice(&chunk[..n]),
+                            }
+                        },
+                        Step::Reset => {
+                            #[allow(deprecated)]
+                            let _ = stream.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                    }
+                }
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    });
+    RecordingUpstream { addr, wire, task }
+}
+
+/// Sends a value on `tx` when dropped: put one in a handler to learn that hyper dropped
+/// (cancelled) it.
+pub struct DropSignal(pub Option<oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
