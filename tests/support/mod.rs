@@ -134,33 +134,41 @@ impl MockUpstream {
                 recorded.connections.fetch_add(1, Ordering::SeqCst);
                 let routes = routes.clone();
                 let recorded = recorded.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let routes = routes.clone();
-                        let recorded = recorded.clone();
-                        async move {
-                            recorded.requests.lock().unwrap().push(SeenRequest {
-                                method: req.method().clone(),
-                                target: req.uri().to_string(),
-                                headers: req.headers().clone(),
-                            });
-                            let path = req.uri().path().to_string();
-                            let handler = routes.iter().find(|(p, _)| path.starts_with(p.as_str()));
-                            let response = match handler {
-                                Some((_, h)) => h(req, recorded).await,
-                                None => text(StatusCode::OK, "ok"),
-                            };
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                tokio::spawn(serve_mock(stream, routes, recorded));
             }
         });
         RunningUpstream { addr, seen, task }
     }
+}
+
+/// Serves one mock connection: records each request, then answers from the first route
+/// whose prefix matches (200 "ok" when none does).
+async fn serve_mock(
+    stream: TcpStream,
+    routes: Arc<Vec<(String, Handler)>>,
+    recorded: Arc<Recorded>,
+) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let routes = routes.clone();
+        let recorded = recorded.clone();
+        async move {
+            recorded.requests.lock().unwrap().push(SeenRequest {
+                method: req.method().clone(),
+                target: req.uri().to_string(),
+                headers: req.headers().clone(),
+            });
+            let path = req.uri().path().to_string();
+            let handler = routes.iter().find(|(p, _)| path.starts_with(p.as_str()));
+            let response = match handler {
+                Some((_, h)) => h(req, recorded).await,
+                None => text(StatusCode::OK, "ok"),
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<MockBody> {
@@ -1257,29 +1265,7 @@ impl MockUpstream {
                 recorded.connections.fetch_add(1, Ordering::SeqCst);
                 let routes = routes.clone();
                 let recorded = recorded.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let routes = routes.clone();
-                        let recorded = recorded.clone();
-                        async move {
-                            recorded.requests.lock().unwrap().push(SeenRequest {
-                                method: req.method().clone(),
-                                target: req.uri().to_string(),
-                                headers: req.headers().clone(),
-                            });
-                            let path = req.uri().path().to_string();
-                            let handler = routes.iter().find(|(p, _)| path.starts_with(p.as_str()));
-                            let response = match handler {
-                                Some((_, h)) => h(req, recorded).await,
-                                None => text(StatusCode::OK, "ok"),
-                            };
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                connections.spawn(serve_mock(stream, routes, recorded));
                 while connections.try_join_next().is_some() {}
             }
         });
