@@ -54,8 +54,9 @@ fn upstream_config(extra: &str) -> String {
 async fn max_connections_caps_what_reaches_the_upstream_and_the_rest_waits_in_the_proxy() {
     let (upstream, counter) = counting_upstream(Duration::from_millis(300)).await;
     let proxy = TestProxy::start(&upstream_config("max_connections = 2"), upstream.addr).await;
+    let addr = proxy.addr;
     let requests: Vec<_> = (0..6)
-        .map(|_| tokio::spawn(async move { get(proxy_addr(proxy.addr), "/slow", "").await.status }))
+        .map(|_| tokio::spawn(async move { get(addr, "/slow", "").await.status }))
         .collect();
     for r in requests {
         assert_eq!(
@@ -70,10 +71,6 @@ async fn max_connections_caps_what_reaches_the_upstream_and_the_rest_waits_in_th
         2,
         "never more than max_connections at once"
     );
-}
-
-fn proxy_addr(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    addr
 }
 
 #[tokio::test]
@@ -301,11 +298,11 @@ async fn a_failing_health_check_takes_a_server_out_and_a_passing_one_brings_it_b
     }
     healthy.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let answers: Vec<String> = futures_join(proxy.addr, 4).await;
+    let answers: Vec<String> = answers_in_turn(proxy.addr, 4).await;
     assert!(answers.iter().any(|a| a == "checked"), "{answers:?}");
 }
 
-async fn futures_join(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
+async fn answers_in_turn(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
     let mut answers = Vec::new();
     for _ in 0..n {
         answers.push(get(addr, "/x", "").await.text());

@@ -1045,56 +1045,36 @@ impl Drop for RecordingUpstream {
 /// complete request, after `delay`, with `200` and the body `METHOD target body-length`.
 /// Bytes that do not parse as a request are kept but never answered.
 pub async fn recording_upstream(delay: Duration) -> RecordingUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let wire = Arc::new(Wire::default());
-    let recorded = wire.clone();
-    let task = tokio::spawn(async move {
-        let mut connections = tokio::task::JoinSet::new();
+    start_recording(move |mut stream, wire, index| async move {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
             };
-            let index = {
-                let mut all = recorded.connections.lock().unwrap();
-                all.push(Vec::new());
-                all.len() - 1
-            };
-            let wire = recorded.clone();
-            connections.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 * 1024];
-                loop {
-                    let n = match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    wire.connections.lock().unwrap()[index].extend_from_slice(&chunk[..n]);
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some((request, used)) = parse_wire_request(&buf) {
-                        buf.drain(..used);
-                        let summary =
-                            format!("{} {} {}", request.method, request.target, request.body.len());
-                        wire.requests.lock().unwrap().push(summary.clone());
-                        if !delay.is_zero() {
-                            tokio::time::sleep(delay).await;
-                        }
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{summary}",
-                            summary.len()
-                        );
-                        if stream.write_all(answer.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
+            wire.connections.lock().unwrap()[index].extend_from_slice(&chunk[..n]);
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some((request, used)) = parse_wire_request(&buf) {
+                buf.drain(..used);
+                let summary =
+                    format!("{} {} {}", request.method, request.target, request.body.len());
+                wire.requests.lock().unwrap().push(summary.clone());
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
-                wire.closed.fetch_add(1, Ordering::SeqCst);
-            });
-            // Reap finished connection tasks as we go.
-            while connections.try_join_next().is_some() {}
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{summary}",
+                    summary.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
         }
-    });
-    RecordingUpstream { addr, wire, task }
+        wire.closed.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
 }
 
 /// Every response in `bytes`, in order, and the bytes after the last complete one.
@@ -1278,6 +1258,63 @@ impl MockUpstream {
 /// closes the connection, which [`Wire::closed`] then counts, and that the connection
 /// is closed when the script ends. Dropping it ends every connection.
 pub async fn scripted_upstream(script: Vec<Step>) -> RecordingUpstream {
+    start_recording(move |mut stream, wire, index| {
+        let script = script.clone();
+        async move {
+            let mut chunk = vec![0u8; 64 * 1024];
+            // The request head first.
+            loop {
+                let n = match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => {
+                        wire.closed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(n) => n,
+                };
+                let mut all = wire.connections.lock().unwrap();
+                all[index].extend_from_slice(&chunk[..n]);
+                if all[index].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            for step in script {
+                match step {
+                    Step::Write(bytes) => {
+                        if stream.write_all(bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Step::Sleep(d) => tokio::time::sleep(d).await,
+                    Step::Stall => loop {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                wire.closed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => wire.connections.lock().unwrap()[index]
+                                .extend_from_slice(&chunk[..n]),
+                        }
+                    },
+                    Step::Reset => {
+                        #[allow(deprecated)]
+                        let _ = stream.set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Accepts connections for a recording upstream: each gets its slot in
+/// `Wire::connections` and is served by `serve(stream, wire, slot)`; finished connection
+/// tasks are reaped as it goes, and dropping the upstream ends them all.
+async fn start_recording<F, Fut>(serve: F) -> RecordingUpstream
+where
+    F: Fn(TcpStream, Arc<Wire>, usize) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let wire = Arc::new(Wire::default());
@@ -1285,7 +1322,7 @@ pub async fn scripted_upstream(script: Vec<Step>) -> RecordingUpstream {
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let index = {
@@ -1293,51 +1330,7 @@ pub async fn scripted_upstream(script: Vec<Step>) -> RecordingUpstream {
                 all.push(Vec::new());
                 all.len() - 1
             };
-            let wire = recorded.clone();
-            let script = script.clone();
-            connections.spawn(async move {
-                let mut chunk = vec![0u8; 64 * 1024];
-                // The request head first.
-                loop {
-                    let n = match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => {
-                            wire.closed.fetch_add(1, Ordering::SeqCst);
-                            return;
-                        }
-                        Ok(n) => n,
-                    };
-                    let mut all = wire.connections.lock().unwrap();
-                    all[index].extend_from_slice(&chunk[..n]);
-                    if all[index].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                for step in script {
-                    match step {
-                        Step::Write(bytes) => {
-                            if stream.write_all(bytes).await.is_err() {
-                                return;
-                            }
-                        }
-                        Step::Sleep(d) => tokio::time::sleep(d).await,
-                        Step::Stall => loop {
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => {
-                                    wire.closed.fetch_add(1, Ordering::SeqCst);
-                                    return;
-                                }
-                                Ok(n) => wire.connections.lock().unwrap()[index]
-                                    .extend_from_slice(&chunk[..n]),
-                            }
-                        },
-                        Step::Reset => {
-                            #[allow(deprecated)]
-                            let _ = stream.set_linger(Some(Duration::ZERO));
-                            return;
-                        }
-                    }
-                }
-            });
+            connections.spawn(serve(stream, recorded.clone(), index));
             while connections.try_join_next().is_some() {}
         }
     });
