@@ -103,6 +103,8 @@ pub struct ServerConfig {
     pub name: String,
     /// How many body bytes are read at most to find a GraphQL `operationName`.
     pub graphql_peek_limit: usize,
+    /// Worker threads, each with its own single-threaded runtime (see `server::workers`).
+    pub workers: usize,
     pub acme_challenge_root: Option<PathBuf>,
     pub tls: Option<TlsConfig>,
     /// Proxies whose `X-Forwarded-For` is believed; everyone else's is replaced.
@@ -540,8 +542,20 @@ impl Validator<'_> {
                 }
             },
         };
+        let workers = match &s.workers {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n @ 1..=1024) => n,
+                _ => {
+                    return Err(self
+                        .at
+                        .error(n.span(), "`workers` must be between 1 and 1024".into()))
+                }
+            },
+        };
         Ok(ServerConfig {
             listen,
+            workers,
             header_read_timeout: s
                 .header_read_timeout
                 .map_or(Duration::from_secs(20), |d| d.0),

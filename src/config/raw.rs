@@ -44,6 +44,8 @@ pub struct RawServer {
     /// Sent upstream as `X-Forwarded-Server`; the host name when absent.
     pub name: Option<String>,
     pub graphql_peek_limit: Option<Spanned<Size>>,
+    /// Worker threads; the number of CPUs when absent.
+    pub workers: Option<Spanned<i64>>,
     /// Served at `/.well-known/acme-challenge/` on every listener (certbot --webroot).
     pub acme_challenge_root: Option<String>,
     pub tls: Option<Spanned<RawTls>>,

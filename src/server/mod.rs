@@ -14,6 +14,7 @@ mod connection;
 pub mod io;
 mod systemd;
 pub mod tls;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::access_log::AccessLog;
 use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
+use workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -41,6 +43,8 @@ pub enum ServerError {
     },
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
@@ -123,7 +127,8 @@ type ListenerKey = (SocketAddr, ListenerKind);
 struct Listener {
     /// Set until `run` starts accepting.
     bound: Option<TcpListener>,
-    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    /// Set to `true` to close the listener; one accept loop per worker.
+    running: Option<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
 }
 
 impl Listener {
@@ -160,6 +165,7 @@ pub struct Server {
     /// Where reloads read the configuration from.
     source: PathBuf,
     stop: watch::Sender<Stop>,
+    workers: Workers,
 }
 
 impl Server {
@@ -187,6 +193,7 @@ impl Server {
             listeners,
             source: config.source.clone(),
             stop: watch::channel(Stop::Running).0,
+            workers: Workers::start(config.server.workers).map_err(ServerError::Workers)?,
         })
     }
 
@@ -242,17 +249,36 @@ impl Server {
         let Some(socket) = listener.bound.take() else {
             return;
         };
-        let (stop_one, stopped_one) = oneshot::channel();
         let (addr, kind) = (socket.local_addr().ok(), key.1);
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::error!(?addr, error = %e, "cannot hand the listener to the workers");
+                return;
+            }
+        };
         tracing::info!(?addr, ?kind, "listening");
-        let task = tokio::spawn(accept_loop(
-            socket,
-            kind,
-            self.shared.clone(),
-            self.stop.subscribe(),
-            stopped_one,
-        ));
-        listener.running = Some((stop_one, task));
+        let (close, closed) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for worker in self.workers.handles() {
+            let socket = match socket.try_clone() {
+                Ok(socket) => socket,
+                Err(e) => {
+                    tracing::error!(?addr, error = %e, "cannot share the listener with a worker");
+                    continue;
+                }
+            };
+            let (shared, stop, closed) =
+                (self.shared.clone(), self.stop.subscribe(), closed.clone());
+            tasks.push(worker.spawn(async move {
+                // Registered with this worker's own reactor.
+                match TcpListener::from_std(socket) {
+                    Ok(socket) => accept_loop(socket, kind, shared, stop, closed).await,
+                    Err(e) => tracing::error!(?addr, error = %e, "a worker cannot listen"),
+                }
+            }));
+        }
+        listener.running = Some((close, tasks));
     }
 
     /// Re-reads the configuration; on any failure the running one stays untouched.
@@ -309,12 +335,14 @@ impl Server {
 
     async fn close_listener(&mut self, key: ListenerKey) {
         if let Some(Listener {
-            running: Some((stop, task)),
+            running: Some((close, tasks)),
             ..
         }) = self.listeners.remove(&key)
         {
-            let _ = stop.send(());
-            let _ = task.await;
+            let _ = close.send(true);
+            for task in tasks {
+                let _ = task.await;
+            }
             tracing::info!(addr = %key.0, kind = ?key.1, "stopped listening");
         }
     }
@@ -322,7 +350,7 @@ impl Server {
     async fn drain(mut self) {
         let _ = self.stop.send(Stop::Drain);
         for (_, listener) in self.listeners.drain() {
-            if let Some((_, task)) = listener.running {
+            for task in listener.running.into_iter().flat_map(|(_, tasks)| tasks) {
                 let _ = task.await;
             }
         }
@@ -344,6 +372,9 @@ impl Server {
             // Each connection drops at its next poll; give them a moment to go.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.stop.closed()).await;
         }
+        // Whatever is left closes with its worker.
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     }
 }
 
@@ -358,12 +389,12 @@ async fn accept_loop(
     kind: ListenerKind,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<Stop>,
-    mut removed: oneshot::Receiver<()>,
+    mut closed: watch::Receiver<bool>,
 ) {
     loop {
         let accepted = tokio::select! {
             _ = stopped.wait_for(|stop| *stop != Stop::Running) => return,
-            _ = &mut removed => return,
+            _ = closed.wait_for(|closed| *closed) => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {

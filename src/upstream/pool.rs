@@ -22,6 +22,7 @@ use super::health::Health;
 use crate::body::RequestBody;
 use crate::config::{UpstreamAddress, UpstreamConfig};
 use crate::metrics::Counter;
+use crate::server::workers;
 
 /// Why no connection to the upstream could be made.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ struct IdleConnection {
     sender: Sender,
     task: AbortHandle,
     since: Instant,
+    /// The worker thread whose runtime drives the connection's I/O.
+    worker: Option<usize>,
 }
 
 /// One server of an upstream: where it listens, how requests to it are addressed, its
@@ -57,6 +60,7 @@ pub struct Endpoint {
     pub health: Health,
     keepalive_timeout: Duration,
     max_idle: usize,
+    /// Oldest first: expiry trims the front, reuse takes from the back.
     idle: Mutex<Vec<IdleConnection>>,
 }
 
@@ -94,13 +98,20 @@ impl Endpoint {
     }
 
     fn take_idle(self: &Arc<Self>) -> Option<PooledConnection> {
+        let worker = workers::current();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Most recently used first: it is the least likely to have been closed.
-        while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() < self.keepalive_timeout && conn.sender.is_ready() {
+        self.expire(&mut idle, Instant::now());
+        // Most recently used first: it is the least likely to have been closed. One this
+        // worker drives is preferred, so the exchange never wakes another thread.
+        while let Some(i) =
+            (idle.iter().rposition(|c| c.worker == worker)).or_else(|| idle.len().checked_sub(1))
+        {
+            let conn = idle.remove(i);
+            if conn.sender.is_ready() {
                 return Some(PooledConnection {
                     sender: Some(conn.sender),
                     task: conn.task,
+                    worker: conn.worker,
                     endpoint: self.clone(),
                     reused: true,
                     reusable: true,
@@ -109,6 +120,14 @@ impl Endpoint {
             conn.task.abort();
         }
         None
+    }
+
+    /// Drops the connections idle for `keepalive_timeout` or longer.
+    fn expire(&self, idle: &mut Vec<IdleConnection>, now: Instant) {
+        let stale = idle.partition_point(|c| now.duration_since(c.since) >= self.keepalive_timeout);
+        for conn in idle.drain(..stale) {
+            conn.task.abort();
+        }
     }
 
     /// A new connection, bypassing the pool.
@@ -126,6 +145,7 @@ impl Endpoint {
         Ok(PooledConnection {
             sender: Some(sender),
             task,
+            worker: workers::current(),
             endpoint: self.clone(),
             reused: false,
             reusable: true,
@@ -143,21 +163,16 @@ impl Endpoint {
         }
     }
 
-    fn put_back(&self, sender: Sender, task: AbortHandle) {
+    fn put_back(&self, sender: Sender, task: AbortHandle, worker: Option<usize>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let keepalive = self.keepalive_timeout;
-        idle.retain(|c| {
-            let fresh = c.since.elapsed() < keepalive && !c.sender.is_closed();
-            if !fresh {
-                c.task.abort();
-            }
-            fresh
-        });
+        self.expire(&mut idle, now);
         if idle.len() < self.max_idle {
             idle.push(IdleConnection {
                 sender,
                 task,
-                since: Instant::now(),
+                since: now,
+                worker,
             });
         } else {
             task.abort();
@@ -196,6 +211,7 @@ where
 pub struct PooledConnection {
     sender: Option<Sender>,
     task: AbortHandle,
+    worker: Option<usize>,
     endpoint: Arc<Endpoint>,
     /// Whether it came from the pool (a failure to send on it may be a stale close).
     pub reused: bool,
@@ -229,17 +245,17 @@ impl PooledConnection {
             return;
         }
         let endpoint = self.endpoint.clone();
-        let task = self.task.clone();
+        let (task, worker) = (self.task.clone(), self.worker);
         // Usually ready at once; otherwise wait briefly off the request path.
         let mut cx = Context::from_waker(Waker::noop());
         match sender.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => endpoint.put_back(sender, task),
+            Poll::Ready(Ok(())) => endpoint.put_back(sender, task, worker),
             Poll::Ready(Err(_)) => task.abort(),
             Poll::Pending => {
                 let limit = endpoint.keepalive_timeout;
                 tokio::spawn(async move {
                     match tokio::time::timeout(limit, sender.ready()).await {
-                        Ok(Ok(())) => endpoint.put_back(sender, task),
+                        Ok(Ok(())) => endpoint.put_back(sender, task, worker),
                         _ => task.abort(),
                     }
                 });

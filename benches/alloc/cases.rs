@@ -1,0 +1,421 @@
+//! The per-request operations issue 5 bounds in allocations, with their inputs: route
+//! matching on the shipped GeoNature table, request and response header rewriting on
+//! realistic header sets, and the GraphQL peek. Shared by the `alloc` bench (time and
+//! allocation counts) and `tests/alloc_budget.rs` (the budget), so both measure the
+//! same thing.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+use quadrige_proxy::config::Cidr;
+use quadrige_proxy::graphql;
+use quadrige_proxy::proxy::headers::{self, Forwarded, RequestIds};
+use quadrige_proxy::route::{Route, RouteTable, Selection};
+use quadrige_proxy::upstream::Endpoint;
+use quadrige_proxy::Config;
+
+/// What the request path holds for its whole life, built from `config/geonature.toml`
+/// as the proxy builds it.
+pub struct Fixture {
+    pub routes: RouteTable,
+    pub request_ids: RequestIds,
+    server_name: HeaderValue,
+    upstream: Arc<Endpoint>,
+    /// geonature.toml trusts no proxy; the `via_trusted_proxy` case needs one, and the
+    /// direct client's address is outside it, so that case alone is affected.
+    trusted_proxies: Vec<Cidr>,
+}
+
+/// The public origin of the GeoNature host, as the client's `Host` gives it.
+const PUBLIC_ORIGIN: &str = "https://geonature.example.org";
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/geonature.toml");
+        let config = Config::load(&path).expect("config/geonature.toml loads");
+        let geonature = &config.upstreams[config.defaults.upstream];
+        let upstream = Endpoint::new(&geonature.servers[0], geonature);
+        let server_name = HeaderValue::from_str(&config.server.name)
+            .unwrap_or_else(|_| HeaderValue::from_static("quadrige-proxy"));
+        // A `Bytes` made from a `Vec` allocates its shared header on its first clone
+        // only. The proxy's long-lived values were cloned by earlier requests; these are
+        // cloned here so that a measurement sees that steady state, not a start-up cost.
+        drop((server_name.clone(), upstream.host_header.clone()));
+        Fixture {
+            routes: RouteTable::new(&config),
+            request_ids: RequestIds::new(),
+            server_name,
+            upstream,
+            trusted_proxies: vec![Cidr::parse("127.0.0.1/32").expect("a valid CIDR")],
+        }
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Fixture::new()
+    }
+}
+
+/// One request line to route.
+pub struct PathCase {
+    pub name: &'static str,
+    pub method: Method,
+    pub path: &'static str,
+    /// The route the shipped table gives it, `(defaults)` when none matches.
+    route: &'static str,
+}
+
+impl fmt::Display for PathCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// From the first route of the table to the last: the regex routes sit in the middle,
+/// so everything from `gn_commons` on runs them.
+pub const PATHS: [PathCase; 7] = [
+    PathCase {
+        name: "api_call",
+        method: Method::GET,
+        path: "/geonature/api/gn_commons/modules",
+        route: "geonature-api",
+    },
+    PathCase {
+        name: "quadrige_extraction",
+        method: Method::POST,
+        path: "/geonature/api/quadrige/data-extractions",
+        route: "quadrige-data-extractions",
+    },
+    PathCase {
+        name: "quadrige_download",
+        method: Method::GET,
+        path: "/geonature/api/quadrige/output_data/extraction_REBENT_2024.zip",
+        route: "quadrige-downloads",
+    },
+    PathCase {
+        name: "frontend_file",
+        method: Method::GET,
+        path: "/geonature/main.4f3c2a1b9e8d7c6f.js",
+        route: "frontend",
+    },
+    PathCase {
+        name: "media_file",
+        method: Method::GET,
+        path: "/geonature/api/media/taxhub/18437/thumbnail/300x400.jpg",
+        route: "api-media",
+    },
+    PathCase {
+        name: "unmatched",
+        method: Method::GET,
+        path: "/favicon.ico",
+        route: "(defaults)",
+    },
+    PathCase {
+        name: "percent_encoded",
+        method: Method::GET,
+        path: "/geonature/api/media/attachments/Relev%C3%A9%20terrain%202024.pdf",
+        route: "api-media",
+    },
+];
+
+impl PathCase {
+    /// The route phase as the proxy runs it for a request that needs no GraphQL peek.
+    pub fn run<'t>(&self, fixture: &'t Fixture) -> &'t Route {
+        match fixture.routes.select(0, &self.method, self.path, None) {
+            Selection::Route(index) => fixture.routes.get(index),
+            Selection::NeedsOperation(_) => unreachable!("geonature.toml has no GraphQL route"),
+        }
+    }
+
+    /// Panics unless the case takes the route it stands for: a measurement of another
+    /// walk through the table would be a measurement of something else.
+    pub fn check(&self, fixture: &Fixture) {
+        let got = &self.run(fixture).name;
+        assert_eq!(&**got, self.route, "{}: {}", self.name, self.path);
+    }
+}
+
+/// Firefox asking the GeoNature frontend's API for the module list, as hyper parses it.
+const BROWSER_REQUEST: &[(&str, &str)] = &[
+    ("host", "geonature.example.org"),
+    (
+        "user-agent",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    ),
+    ("accept", "application/json, text/plain, */*"),
+    ("accept-language", "fr,fr-FR;q=0.8,en-US;q=0.5,en;q=0.3"),
+    ("accept-encoding", "gzip, deflate, br, zstd"),
+    ("referer", "https://geonature.example.org/geonature/"),
+    (
+        "authorization",
+        "Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpZF9yb2xlIjozLCJpZF9vcmdhbmlzbWUiOjEsImV4cCI6MTcyMDAwMDAwMH0.c2lnbmF0dXJl",
+    ),
+    ("connection", "keep-alive"),
+    (
+        "cookie",
+        "token=eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpZF9yb2xlIjozfQ.c2ln; session=.eJwlzjEOwjAMQNG7eO5g",
+    ),
+    ("sec-fetch-dest", "empty"),
+    ("sec-fetch-mode", "cors"),
+    ("sec-fetch-site", "same-origin"),
+];
+
+/// The same request relayed by a front proxy declared in `trusted_proxies`, which
+/// already gave it an id.
+const PROXIED_REQUEST: &[(&str, &str)] = &[
+    ("host", "geonature.example.org"),
+    (
+        "user-agent",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    ),
+    ("accept", "application/json, text/plain, */*"),
+    ("accept-language", "fr,fr-FR;q=0.8,en-US;q=0.5,en;q=0.3"),
+    ("accept-encoding", "gzip, deflate, br, zstd"),
+    ("referer", "https://geonature.example.org/geonature/"),
+    (
+        "cookie",
+        "token=eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpZF9yb2xlIjozfQ.c2ln; session=.eJwlzjEOwjAMQNG7eO5g",
+    ),
+    ("sec-fetch-mode", "cors"),
+    ("x-forwarded-for", "198.51.100.23"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "geonature.example.org"),
+    ("x-request-id", "4b9e1c2a-7f3d-4e8a-9c1b-2d5e6f7a8b9c"),
+];
+
+/// A GeoNature JSON answer from Gunicorn's gthread worker (flask-cors adds the
+/// `Access-Control-*` and `Vary`).
+const API_RESPONSE: &[(&str, &str)] = &[
+    ("server", "gunicorn"),
+    ("date", "Thu, 04 Jul 2024 09:12:41 GMT"),
+    ("connection", "keep-alive"),
+    ("content-type", "application/json"),
+    ("content-length", "18342"),
+    ("access-control-allow-origin", "*"),
+    ("vary", "Origin, Cookie"),
+];
+
+/// Flask's redirect to the slash-ended URL, built from the `Host` it was sent: the
+/// upstream's, which the client must not see.
+const REDIRECT_RESPONSE: &[(&str, &str)] = &[
+    ("server", "gunicorn"),
+    ("date", "Thu, 04 Jul 2024 09:12:41 GMT"),
+    ("connection", "keep-alive"),
+    ("content-type", "text/html; charset=utf-8"),
+    ("content-length", "289"),
+    (
+        "location",
+        "http://127.0.0.1:8000/geonature/api/synthese/taxons_tree/",
+    ),
+    ("vary", "Origin, Cookie"),
+];
+
+enum HeaderOp {
+    /// The client's head made into the upstream request's: request id, real client,
+    /// hop-by-hop and `X-Forwarded-*`, then `Host`.
+    Request { peer: IpAddr },
+    /// The upstream's head made into the client response's.
+    Response,
+}
+
+/// A header set and which way it is rewritten.
+pub struct HeaderCase {
+    pub name: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    op: HeaderOp,
+}
+
+impl fmt::Display for HeaderCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+pub const HEADERS: [HeaderCase; 4] = [
+    HeaderCase {
+        name: "request_direct",
+        headers: BROWSER_REQUEST,
+        op: HeaderOp::Request {
+            peer: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+        },
+    },
+    HeaderCase {
+        name: "request_via_trusted_proxy",
+        headers: PROXIED_REQUEST,
+        op: HeaderOp::Request {
+            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        },
+    },
+    HeaderCase {
+        name: "response_json",
+        headers: API_RESPONSE,
+        op: HeaderOp::Response,
+    },
+    HeaderCase {
+        name: "response_location_rewrite",
+        headers: REDIRECT_RESPONSE,
+        op: HeaderOp::Response,
+    },
+];
+
+/// A head as hyper hands it over, and the request's id once it has one.
+pub struct Head {
+    pub headers: HeaderMap,
+    pub request_id: Option<HeaderValue>,
+}
+
+impl HeaderCase {
+    /// A fresh input as for a connection's first request: hyper's map reserved for the
+    /// parsed count (later requests on the connection reuse the previous response's
+    /// map, whose room varies), values that are slices of the connection's read buffer
+    /// (so cloning one only counts a reference).
+    pub fn input(&self, fixture: &Fixture) -> Head {
+        let buffer = Bytes::from(self.headers.iter().map(|(_, v)| *v).collect::<String>());
+        let mut headers = HeaderMap::new();
+        headers.reserve(self.headers.len());
+        let mut at = 0;
+        for (name, value) in self.headers {
+            let slice = buffer.slice(at..at + value.len());
+            at += value.len();
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
+                HeaderValue::from_maybe_shared(slice).expect("a valid header value"),
+            );
+        }
+        let request_id = match self.op {
+            HeaderOp::Request { .. } => None,
+            // By the response, the request path has cloned its id (into the upstream
+            // request), so its buffer is already shared.
+            HeaderOp::Response => {
+                let id = fixture.request_ids.for_request(&HeaderMap::new());
+                drop(id.clone());
+                Some(id)
+            }
+        };
+        Head {
+            headers,
+            request_id,
+        }
+    }
+
+    /// What `Proxy::handle`, `upstream_request` and the forward phase (request), or
+    /// `respond` (response), do to the head through `proxy::headers`.
+    pub fn run(&self, fixture: &Fixture, head: &mut Head) {
+        let headers = &mut head.headers;
+        match self.op {
+            HeaderOp::Request { peer } => {
+                let request_id = fixture.request_ids.for_request(headers);
+                let client = headers::real_client(headers, peer, &fixture.trusted_proxies);
+                let forwarded = Forwarded {
+                    peer,
+                    peer_trusted: fixture.trusted_proxies.iter().any(|c| c.contains(peer)),
+                    scheme: "https",
+                    server_name: &fixture.server_name,
+                };
+                headers::to_upstream(headers, &forwarded, &request_id);
+                headers.insert(header::HOST, fixture.upstream.host_header.clone());
+                std::hint::black_box(client);
+                head.request_id = Some(request_id);
+            }
+            HeaderOp::Response => {
+                let rewrites_location = headers.contains_key(header::LOCATION)
+                    || headers.contains_key(header::CONTENT_LOCATION);
+                let request_id = head.request_id.as_ref().expect("made by input()");
+                headers::to_client(
+                    headers,
+                    &fixture.upstream.self_origin,
+                    rewrites_location.then_some(PUBLIC_ORIGIN),
+                    request_id,
+                );
+            }
+        }
+    }
+
+    /// Panics unless a rewrite did what the case is about.
+    pub fn check(&self, fixture: &Fixture) {
+        let mut head = self.input(fixture);
+        self.run(fixture, &mut head);
+        let headers = &head.headers;
+        assert!(headers.contains_key("x-request-id"), "{}", self.name);
+        assert!(!headers.contains_key(header::CONNECTION), "{}", self.name);
+        match self.op {
+            HeaderOp::Request { .. } => {
+                assert_eq!(headers[header::HOST], fixture.upstream.host_header);
+                assert!(headers.contains_key("x-forwarded-for"), "{}", self.name);
+            }
+            HeaderOp::Response => {
+                if let Some(location) = headers.get(header::LOCATION) {
+                    assert!(location.as_bytes().starts_with(PUBLIC_ORIGIN.as_bytes()));
+                }
+            }
+        }
+    }
+}
+
+/// Apollo Client (Quadrige's frontend) asking for one extraction's state.
+const SMALL_BODY: &str = r#"{"operationName":"getExtraction","variables":{"id":4211},"query":"query getExtraction($id: Int!) {\n  extraction(id: $id) {\n    id\n    status\n    fileUrl\n    __typename\n  }\n}"}"#;
+
+/// Apollo's batch link sending three operations in one POST.
+const BATCH_BODY: &str = r#"[{"operationName":"getPrograms","variables":{"first":20},"query":"query getPrograms($first: Int) {\n  programs(first: $first) {\n    id\n    label\n    __typename\n  }\n}"},{"operationName":"executeProgramExtraction","variables":{"programId":"REBENT","year":2024,"format":"CSV"},"query":"mutation executeProgramExtraction($programId: String!, $year: Int!, $format: String) {\n  executeProgramExtraction(programId: $programId, year: $year, format: $format) {\n    id\n    __typename\n  }\n}"},{"operationName":"getExtraction","variables":{"id":4211},"query":"query getExtraction($id: Int!) {\n  extraction(id: $id) {\n    id\n    status\n    __typename\n  }\n}"}]"#;
+
+/// A persisted-query GET, where the name is in the query string.
+const GET_QUERY: &str = "operationName=getExtraction&variables=%7B%22id%22%3A4211%7D&extensions=%7B%22persistedQuery%22%3A%7B%22version%22%3A1%7D%7D";
+
+enum Peek {
+    Body(&'static str),
+    Query(&'static str),
+}
+
+/// Where the operation name is looked for.
+pub struct GraphqlCase {
+    pub name: &'static str,
+    peek: Peek,
+    /// The operations it names, in order.
+    operations: &'static [&'static str],
+}
+
+impl fmt::Display for GraphqlCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+pub const GRAPHQL: [GraphqlCase; 3] = [
+    GraphqlCase {
+        name: "small_body",
+        peek: Peek::Body(SMALL_BODY),
+        operations: &["getExtraction"],
+    },
+    GraphqlCase {
+        name: "batch_body",
+        peek: Peek::Body(BATCH_BODY),
+        operations: &["getPrograms", "executeProgramExtraction", "getExtraction"],
+    },
+    GraphqlCase {
+        name: "get_query",
+        peek: Peek::Query(GET_QUERY),
+        operations: &["getExtraction"],
+    },
+];
+
+impl GraphqlCase {
+    /// The `graphql` functions the proxy's peek calls, on a body prefix already read.
+    pub fn run(&self) -> Vec<String> {
+        match self.peek {
+            Peek::Body(body) => graphql::operations_in_json(body.as_bytes()),
+            // `peek_operations` wraps the name in a `Vec` too.
+            Peek::Query(query) => graphql::operation_in_query(query).into_iter().collect(),
+        }
+    }
+
+    /// Panics unless every operation is found.
+    pub fn check(&self) {
+        assert_eq!(self.run(), self.operations, "{}", self.name);
+    }
+}
