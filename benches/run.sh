@@ -4,20 +4,24 @@
 #   benches/run.sh            installs what is missing, builds, measures, writes benches/RESULTS.md
 #
 # One fast upstream (nginx: a tiny JSON answer, a 1 GiB file, an upload sink) and in front
-# of it nginx, Apache (mpm_event + mod_proxy_http) and quadrige-proxy, all on loopback.
+# of it nginx, Apache (mpm_event + mod_proxy_http) and quadrige-proxy, all on loopback;
+# each of them also has a TLS listener (a self-signed ECDSA P-256 certificate made per run).
 # Every load is bounded in count and time, and the measurement phase is stopped after
 # MAX_SECONDS whatever happens. Every process this script starts is stopped on exit.
 # See benches/README.md for what each figure means and the fairness notes.
 #
 # Knobs (environment variables): DURATION (s per wrk run, 5), ROUNDS (3), CONNS (64),
 # SLOW_CLIENTS (256), SLOW_SECS (20), SLOW_RATE (1M), IDLE_CONNS (10000),
-# TRANSFER_MAX_SECS (30), CLIENT_CPU (0), SERVER_CPU (1), QP_WORKER_THREADS (1),
-# APACHE_THREADS (320), PORT_BASE (18080: uses PORT_BASE..PORT_BASE+3), MAX_SECONDS (600),
+# TRANSFER_MAX_SECS (30), CLIENT_CPU (0), SERVER_CPU (1), QP_WORKERS (1),
+# APACHE_THREADS (320), PORT_BASE (18080: uses PORT_BASE..PORT_BASE+7), MAX_SECONDS (600),
+# TLS_REQUESTS (300 sequential new TLS connections per target and round, for the time to
+# first byte), TLS_MAX_SECS (30, bounds those), TLS_CONCURRENCY (4 client processes for the
+# new-TLS-connection rate; 0 skips it), TLS_RATE_SECS (3, per rate run),
 # BENCH_CACHE_DIR (/var/tmp/quadrige-bench, holds the 1 GiB file), RESULTS (file written),
 # NO_INSTALL=1, NO_BUILD=1, QP_BIN (a quadrige-proxy binary to use instead of building
 # this tree; QP_DESC then says what it is, e.g. a commit), KEEP_WORK=1 (keep the run's configs and logs),
-# ONLY="get post close transfer slow idle" (a subset of the phases; the report then only
-# has those rows filled).
+# ONLY="get post close tls transfer slow idle" (a subset of the phases; the report then
+# only has those rows filled).
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,18 +37,25 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 TRANSFER_MAX_SECS=${TRANSFER_MAX_SECS:-30}
 CLIENT_CPU=${CLIENT_CPU:-0}
 SERVER_CPU=${SERVER_CPU:-1}
-QP_WORKER_THREADS=${QP_WORKER_THREADS:-1}
+QP_WORKERS=${QP_WORKERS:-1}
 APACHE_THREADS=${APACHE_THREADS:-320}
 PORT_BASE=${PORT_BASE:-18080}
 MAX_SECONDS=${MAX_SECONDS:-600}
+TLS_REQUESTS=${TLS_REQUESTS:-300}
+TLS_MAX_SECS=${TLS_MAX_SECS:-30}
+TLS_CONCURRENCY=${TLS_CONCURRENCY:-4}
+TLS_RATE_SECS=${TLS_RATE_SECS:-3}
 CACHE_DIR=${BENCH_CACHE_DIR:-/var/tmp/quadrige-bench}
 RESULTS=${RESULTS:-$BENCH_DIR/RESULTS.md}
-ONLY=${ONLY:-get post close transfer slow idle}
+ONLY=${ONLY:-get post close tls transfer slow idle}
 PYTHON=${PYTHON:-$(command -v python3 || true)}
 
 TARGETS=(upstream nginx apache quadrige)
 PROXIES=(nginx apache quadrige)
 declare -A PORT=([upstream]=$PORT_BASE [nginx]=$((PORT_BASE + 1)) [apache]=$((PORT_BASE + 2)) [quadrige]=$((PORT_BASE + 3)))
+# The TLS listeners, in the same order (the proxies' go to the same upstream /small; the
+# upstream's serves /small itself): PORT_BASE+4..+7.
+declare -A TLS_PORT=([upstream]=$((PORT_BASE + 4)) [nginx]=$((PORT_BASE + 5)) [apache]=$((PORT_BASE + 6)) [quadrige]=$((PORT_BASE + 7)))
 declare -A PID=()
 CLIENT_PIDS=()
 WATCHDOG=""
@@ -55,6 +66,9 @@ BIG_SIZE=$((1 << 30))
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 has_phase() { [[ " $ONLY " == *" $1 "* ]]; }
+for phase in $ONLY; do
+    case $phase in get | post | close | tls | transfer | slow | idle) ;; *) die "unknown phase '$phase' in ONLY (get post close tls transfer slow idle)" ;; esac
+done
 
 # --- cleanup: every process we started, by its id (servers by their own process group) ---
 cleanup() {
@@ -89,6 +103,7 @@ install_tools() {
     [[ -n $APACHE_BIN && -n $APACHE_MODULES ]] || missing+=(apache2)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v curl >/dev/null || missing+=(curl)
+    command -v openssl >/dev/null || missing+=(openssl)
     command -v taskset >/dev/null || missing+=(util-linux)
     [[ -n $PYTHON ]] || missing+=(python3)
     ((${#missing[@]})) || return 0
@@ -111,6 +126,21 @@ install_tools
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 "$NGINX_BIN" -V 2>&1 | grep -q http_dav_module || die "this nginx has no http_dav_module (the upload sink needs it): install the 'nginx' package"
 [[ -n $APACHE_BIN && -n $APACHE_MODULES ]] || die "Apache or its mod_mpm_event/mod_proxy_http not found"
+"$NGINX_BIN" -V 2>&1 | grep -q http_ssl_module || die "this nginx has no http_ssl_module (the TLS listener needs it)"
+[[ -f $APACHE_MODULES/mod_ssl.so && -f $APACHE_MODULES/mod_socache_shmcb.so ]] || die "Apache's mod_ssl or mod_socache_shmcb not found in $APACHE_MODULES"
+"$PYTHON" -c 'import ssl; assert ssl.HAS_TLSv1_3' 2>/dev/null || die "$PYTHON has no ssl module with TLS 1.3"
+# nginx offers HTTP/2 in ALPN on its TLS listeners as quadrige-proxy does (Apache does
+# not: see its config): `listen ... http2` before 1.25.1, `http2 on;` from then on. The
+# client asks for http/1.1 only, so this changes what is offered, not what is used.
+NGINX_VERSION=$("$NGINX_BIN" -v 2>&1 | sed -n 's#.*nginx/\([0-9.]*\).*#\1#p')
+NGINX_LISTEN_HTTP2="" NGINX_HTTP2_ON=""
+if "$NGINX_BIN" -V 2>&1 | grep -q http_v2_module; then
+    if [[ $(printf '%s\n' "${NGINX_VERSION:-0}" 1.25.1 | sort -V | head -1) == 1.25.1 ]]; then
+        NGINX_HTTP2_ON="http2 on;"
+    else
+        NGINX_LISTEN_HTTP2=" http2"
+    fi
+fi
 
 NPROC=$(nproc)
 if ((NPROC < 2)); then
@@ -129,9 +159,9 @@ if ((IDLE_CONNS + 500 > NOFILE)); then
     IDLE_CONNS=$((NOFILE - 500))
 fi
 
-for t in "${TARGETS[@]}"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/${PORT[$t]}") 2>/dev/null; then
-        die "port ${PORT[$t]} on 127.0.0.1 is already in use (set PORT_BASE)"
+for port in "${PORT[@]}" "${TLS_PORT[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "port $port on 127.0.0.1 is already in use (set PORT_BASE)"
     fi
 done
 
@@ -175,6 +205,19 @@ fi
 chmod a+rx "$CACHE_DIR"; chmod a+r "$BIG"
 cat "$BIG" > /dev/null   # into the page cache: disks are not what we measure
 
+# The TLS listeners' certificate: self-signed, for 127.0.0.1 and localhost (and the
+# servers' name, bench.localhost, which Apache checks), ECDSA P-256 (the same key type,
+# hence the same signature cost, for every server), a leaf, not a CA; made once per run.
+mkdir -p "$WORK/tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -sha256 -subj /CN=127.0.0.1 \
+    -addext 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:bench.localhost' \
+    -addext 'basicConstraints=critical,CA:FALSE' -addext 'keyUsage=critical,digitalSignature' \
+    -addext 'extendedKeyUsage=serverAuth' \
+    -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" 2> "$WORK/tls/openssl.log" \
+    || { cat "$WORK/tls/openssl.log" >&2; die "openssl could not make the test certificate"; }
+chmod 755 "$WORK/tls"; chmod 644 "$WORK/tls/cert.pem"; chmod 600 "$WORK/tls/key.pem"
+CERT=$WORK/tls/cert.pem
+
 if [[ $EUID == 0 ]]; then
     APACHE_USER=$(id -un www-data 2>/dev/null || echo nobody)
     APACHE_GROUP=$(id -gn "$APACHE_USER" 2>/dev/null || echo nogroup)
@@ -182,10 +225,13 @@ fi
 render() {
     sed -e "s#@WORK@#$WORK#g" -e "s#@UPLOADS@#$UPLOADS#g" -e "s#@BIGFILE@#$BIG#g" \
         -e "s#@UPSTREAM_PORT@#${PORT[upstream]}#g" -e "s#@NGINX_PORT@#${PORT[nginx]}#g" \
-        -e "s#@APACHE_PORT@#${PORT[apache]}#g" -e "s#@QP_PORT@#${PORT[quadrige]}#g" \
+        -e "s#@APACHE_PORT@#${PORT[apache]}#g" -e "s#@QP_PORT@#${PORT[quadrige]}#g" -e "s#@QP_WORKERS@#$QP_WORKERS#g" \
         -e "s#@NOFILE@#$NOFILE#g" -e "s#@WORKER_CONNECTIONS@#$((NOFILE - 100))#g" \
         -e "s#@APACHE_MODULES@#$APACHE_MODULES#g" -e "s#@APACHE_THREADS@#$APACHE_THREADS#g" \
         -e "s#@APACHE_USER@#${APACHE_USER:-}#g" -e "s#@APACHE_GROUP@#${APACHE_GROUP:-}#g" \
+        -e "s#@UPSTREAM_TLS_PORT@#${TLS_PORT[upstream]}#g" -e "s#@NGINX_TLS_PORT@#${TLS_PORT[nginx]}#g" \
+        -e "s#@APACHE_TLS_PORT@#${TLS_PORT[apache]}#g" -e "s#@QP_TLS_PORT@#${TLS_PORT[quadrige]}#g" \
+        -e "s#@NGINX_LISTEN_HTTP2@#$NGINX_LISTEN_HTTP2#g" -e "s#@NGINX_HTTP2_ON@#$NGINX_HTTP2_ON#g" \
         "$BENCH_DIR/conf/$1" > "$WORK/$2"
     if [[ $2 == apache.conf && $EUID != 0 ]]; then sed -i -e '/^User /d' -e '/^Group /d' "$WORK/$2"; fi
 }
@@ -203,17 +249,21 @@ start_server() {
         upstream) cmd=("$NGINX_BIN" -p "$WORK" -e "$WORK/upstream-error.log" -c "$WORK/upstream.conf") ;;
         nginx) cmd=("$NGINX_BIN" -p "$WORK" -e "$WORK/nginx-proxy-error.log" -c "$WORK/nginx.conf") ;;
         apache) cmd=("$APACHE_BIN" -f "$WORK/apache.conf" -DFOREGROUND) ;;
-        quadrige) cmd=(env -u RUST_LOG TOKIO_WORKER_THREADS="$QP_WORKER_THREADS" "$QP_BIN" --config "$WORK/quadrige.toml") ;;
+        quadrige) cmd=(env -u RUST_LOG "$QP_BIN" --config "$WORK/quadrige.toml") ;;
     esac
     setsid taskset -c "$SERVER_CPU" "${cmd[@]}" >> "$WORK/$t.out" 2>&1 < /dev/null &
     PID[$t]=$!
-    local i
+    local i url=http://127.0.0.1:${PORT[$t]}/small tls=""
+    [[ -n ${TLS_PORT[$t]:-} ]] && tls=https://127.0.0.1:${TLS_PORT[$t]}/small
     for ((i = 0; i < 100; i++)); do
         kill -0 "${PID[$t]}" 2>/dev/null || { tail -5 "$WORK/$t.out" >&2; die "$t exited at start"; }
-        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://127.0.0.1:${PORT[$t]}/small" || true) == 200 ]] && return 0
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true) == 200 ]]; then
+            [[ -z $tls ]] && return 0
+            [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 --cacert "$CERT" "$tls" || true) == 200 ]] && return 0
+        fi
         sleep 0.1
     done
-    die "$t did not answer on port ${PORT[$t]} within 10 s"
+    die "$t did not answer on port ${PORT[$t]}${tls:+ and TLS port ${TLS_PORT[$t]}} within 10 s"
 }
 stop_server() {
     local t=$1 pid=${PID[$1]:-} i
@@ -227,7 +277,7 @@ stop_server() {
 }
 restart_server() { stop_server "$1"; sleep 0.5; start_server "$1"; }
 
-log "starting the upstream and the three proxies (ports ${PORT[upstream]}..${PORT[quadrige]}, CPU $SERVER_CPU)"
+log "starting the upstream and the three proxies (ports ${PORT[upstream]}..${PORT[quadrige]}, TLS ${TLS_PORT[upstream]}..${TLS_PORT[quadrige]}, CPU $SERVER_CPU)"
 for t in "${TARGETS[@]}"; do start_server "$t"; done
 QP_THREADS_SEEN=$("$PYTHON" "$BENCH_DIR/tools/procstat.py" threads "${PID[quadrige]}")
 
@@ -414,12 +464,90 @@ run_idle() {
     secs=$(sed -n 's/^READY.*secs=\([0-9.]*\).*/\1/p' "$out"); secs=${secs:-0}
     held=$(sed -n 's/^DONE held=\([0-9]*\).*/\1/p' "$out"); held=${held:-0}
     local detail errors=$((IDLE_CONNS - held)) ok=true
-    detail=$(grep '^ERROR' "$out" | head -3 | sed 's/^ERROR //' | tr '\n"\\' ';  ' || true)
+    detail=$(grep '^ERROR' "$out" | head -3 | sed -e 's/^ERROR //' -e 's/["\\]/ /g' | tr '\n' ';' || true)
     ((opened < IDLE_CONNS)) && ok=false
     printf '{"test":"idle","target":"%s","round":1,"ok":%s,"base_kib":%d,"after_kib":%d,"base_pss_kib":%d,"after_pss_kib":%d,"opened":%d,"failed":%d,"held":%d,"open_secs":%s,"errors":%d,"error_detail":"%s","upstream_conns":%d,"upstream_reqs":%d}\n' \
         "$t" "$ok" "$base" "${after:-0}" "$base_pss" "${after_pss:-0}" "$opened" "$failed" "$held" "$secs" "$errors" "$detail" \
         $((a1 - a0 - 1)) $((r1 - r0 - 1)) >> "$RAW"
     log "  idle $t: RSS $((base / 1024)) -> $((${after:-0} / 1024)) MiB, opened $opened/$IDLE_CONNS in ${secs}s, held $held"
+}
+
+# New TLS connections to one target's TLS listener (a proxy forwards /small to the upstream;
+# the upstream alone answers it itself): TLS_REQUESTS sequential ones, each a new TCP
+# connection and a full TLS 1.3 handshake (time to first byte from the connect, handshake
+# included), then TLS_CONCURRENCY client processes doing the same for TLS_RATE_SECS (new
+# TLS connections per second, and the server's CPU per connection).
+run_tls() {
+    local t=$1 round=$2 out rc=0 a0 r0 a1 r1
+    read -r a0 r0 <<< "$(upstream_counters)"
+    out=$(on_client timeout $((TLS_MAX_SECS + 20)) "$PYTHON" "$BENCH_DIR/tools/tls_ttfb.py" ttfb 127.0.0.1 "${TLS_PORT[$t]}" /small \
+        --ca "$CERT" --count "$TLS_REQUESTS" --warmup 10 --deadline "$TLS_MAX_SECS" 2>&1) || rc=$?
+    read -r a1 r1 <<< "$(upstream_counters)"
+    local line
+    line=$(grep '^TLSRESULT' <<< "$out" || true)
+    if [[ -z $line ]]; then
+        log "  tls $t: the client failed (exit $rc): $(tail -2 <<< "$out" | tr '\n' ' ' | cut -c1-300)"
+        printf '{"test":"tls","target":"%s","round":%d,"ok":false,"errors":1,"error_detail":"client exit %d"}\n' "$t" "$round" "$rc" >> "$RAW"
+    else
+        local -A w=()
+        local kv
+        for kv in ${line#TLSRESULT }; do w[${kv%%=*}]=${kv#*=}; done
+        local detail ok=true
+        detail=$(grep '^ERROR' <<< "$out" | head -3 | sed -e 's/^ERROR //' -e 's/["\\]/ /g' | tr '\n' ';' | cut -c1-300 || true)
+        # Over 1 % errors, or anything but a full TLS 1.3 handshake with http/1.1: not a valid figure.
+        ((w[errors] * 100 > w[count])) && ok=false
+        if [[ ${w[version]} != TLSv1.3 || ${w[alpn]} != http/1.1 || ${w[resumed]} != 0 ]]; then
+            ok=false
+            detail+="${detail:+; }negotiated ${w[version]} ${w[alpn]}, ${w[resumed]} resumed"
+        fi
+        printf '{"test":"tls","target":"%s","round":%d,"ok":%s,"count":%d,"requests":%d,"errors":%d,"error_detail":"%s","secs":%s,"ttfb_p50_us":%d,"ttfb_p90_us":%d,"ttfb_p99_us":%d,"ttfb_max_us":%d,"hs_p50_us":%d,"hs_p99_us":%d,"version":"%s","cipher":"%s","alpn":"%s","resumed":%d,"upstream_conns":%d,"upstream_reqs":%d}\n' \
+            "$t" "$round" "$ok" "${w[count]}" "${w[ok]}" "${w[errors]}" "$detail" "${w[secs]}" \
+            "${w[ttfb_p50_us]}" "${w[ttfb_p90_us]}" "${w[ttfb_p99_us]}" "${w[ttfb_max_us]}" "${w[hs_p50_us]}" "${w[hs_p99_us]}" \
+            "${w[version]}" "${w[cipher]}" "${w[alpn]}" "${w[resumed]}" $((a1 - a0 - 1)) $((r1 - r0 - 1)) >> "$RAW"
+        log "  tls $t: time to first byte p50 $(calc "${w[ttfb_p50_us]} / 1000") ms, p99 $(calc "${w[ttfb_p99_us]} / 1000") ms (handshake p50 $(calc "${w[hs_p50_us]} / 1000") ms), ${w[ok]}/${w[count]} ok, ${w[version]} ${w[cipher]} ${w[alpn]}, ${w[resumed]} resumed; upstream saw $((a1 - a0 - 1)) connections, $((r1 - r0 - 1)) requests"
+    fi
+    ((TLS_CONCURRENCY > 0)) || return 0
+    local c0 u0 t0 c1 u1 t1 sb0 st0 sb1 st1 cb0 ct0 cb1 ct1
+    rc=0
+    c0=$(procstat cpu "${PID[$t]}"); u0=$(procstat cpu "${PID[upstream]}"); t0=$(date +%s.%N)
+    read -r sb0 st0 <<< "$(core_ticks "$SERVER_CPU")"; read -r cb0 ct0 <<< "$(core_ticks "$CLIENT_CPU")"
+    out=$(on_client timeout $((TLS_RATE_SECS + 20)) "$PYTHON" "$BENCH_DIR/tools/tls_ttfb.py" rate 127.0.0.1 "${TLS_PORT[$t]}" /small \
+        --ca "$CERT" --secs "$TLS_RATE_SECS" --concurrency "$TLS_CONCURRENCY" 2>&1) || rc=$?
+    read -r sb1 st1 <<< "$(core_ticks "$SERVER_CPU")"; read -r cb1 ct1 <<< "$(core_ticks "$CLIENT_CPU")"
+    t1=$(date +%s.%N); c1=$(procstat cpu "${PID[$t]}"); u1=$(procstat cpu "${PID[upstream]}")
+    line=$(grep '^TLSRATE' <<< "$out" || true)
+    if [[ -z $line ]]; then
+        log "  tls_rate $t: the client failed (exit $rc): $(tail -2 <<< "$out" | tr '\n' ' ' | cut -c1-300)"
+        printf '{"test":"tls_rate","target":"%s","round":%d,"ok":false,"errors":1,"error_detail":"client exit %d"}\n' "$t" "$round" "$rc" >> "$RAW"
+        return 0
+    fi
+    local -A g=()
+    for kv in ${line#TLSRATE }; do g[${kv%%=*}]=${kv#*=}; done
+    local elapsed cpu ucpu cpu_us server_busy client_busy ok=true
+    elapsed=$(calc "$t1 - $t0")
+    cpu=$(calc "($c1 - $c0) / $CLK_TCK / $elapsed * 100")
+    ucpu=$(calc "($u1 - $u0) / $CLK_TCK / $elapsed * 100")
+    cpu_us=$(calc "($c1 - $c0) / $CLK_TCK / (${g[conns]} + 1) * 1e6")
+    server_busy=$(calc "($sb1 - $sb0) / ($st1 - $st0 + 0.001) * 100")
+    client_busy=$(calc "($cb1 - $cb0) / ($ct1 - $ct0 + 0.001) * 100")
+    ((g[errors] * 100 > g[conns])) && ok=false
+    printf '{"test":"tls_rate","target":"%s","round":%d,"ok":%s,"conns":%d,"secs":%s,"rate":%s,"errors":%d,"error_detail":"%s","cpu_pct":%s,"upstream_cpu_pct":%s,"cpu_us_per_conn":%s,"server_core_busy_pct":%s,"client_core_busy_pct":%s}\n' \
+        "$t" "$round" "$ok" "${g[conns]}" "${g[secs]}" "${g[rate]}" "${g[errors]}" "$( ((g[errors])) && echo "${g[errors]} failed connections")" \
+        "$cpu" "$ucpu" "$cpu_us" "$server_busy" "$client_busy" >> "$RAW"
+    log "  tls_rate $t: $(printf '%.0f' "${g[rate]}") new TLS connections/s ($TLS_CONCURRENCY clients), errors ${g[errors]}, CPU ${cpu%.*}% (upstream ${ucpu%.*}%), $(printf '%.1f' "$cpu_us") µs/connection; cores busy: server ${server_busy%.*}%, client ${client_busy%.*}%"
+}
+
+# What each TLS listener negotiates with a default OpenSSL client asking for TLS 1.3
+# (protocol, cipher, key exchange group, signature): once per run, for the report.
+tls_probe() {
+    local t=$1 out
+    out=$(timeout 10 openssl s_client -connect "127.0.0.1:${TLS_PORT[$t]}" -tls1_3 -CAfile "$CERT" -alpn http/1.1 \
+        -verify_return_error < /dev/null 2>&1 || true)
+    local proto group sig
+    proto=$(sed -n 's/^New, \(TLSv[0-9.]*\), Cipher is \(.*\)$/\1 \2/p' <<< "$out" | head -1)
+    group=$(sed -n 's/^\(Server\|Peer\) Temp Key: \([^,]*\).*/\2/p' <<< "$out" | head -1)
+    sig=$(sed -n 's/^Peer signature type: //p' <<< "$out" | head -1)
+    echo "${proto:-?}, ${group:-?}, ${sig:-?}"
 }
 
 # A measurement starts only if it can end within MAX_SECONDS (the watchdog's hard stop);
@@ -441,11 +569,21 @@ for t in "${TARGETS[@]}"; do
     on_client timeout 20 wrk -t1 -c8 -d1s "http://127.0.0.1:${PORT[$t]}/small" > /dev/null 2>&1 || true
 done
 
+declare -A TLS_NEGOTIATED=()
+if has_phase tls; then
+    for t in "${TARGETS[@]}"; do TLS_NEGOTIATED[$t]=$(tls_probe "$t"); log "TLS to $t: ${TLS_NEGOTIATED[$t]}"; done
+fi
 for ((r = 1; r <= ROUNDS; r++)); do
-    for test in get post close; do
+    for test in get post close tls; do
         has_phase "$test" || continue
         log "round $r/$ROUNDS: $test"
-        for t in "${TARGETS[@]}"; do fits $((DURATION + 5)) "$test $t round $r" && run_wrk "$test" "$t" "$r"; done
+        for t in "${TARGETS[@]}"; do
+            if [[ $test == tls ]]; then
+                fits $((TLS_RATE_SECS + 8)) "tls $t round $r" && run_tls "$t" "$r"
+            else
+                fits $((DURATION + 5)) "$test $t round $r" && run_wrk "$test" "$t" "$r"
+            fi
+        done
     done
 done
 if has_phase transfer; then
@@ -473,16 +611,19 @@ LOGS=$WORK/logs.txt
 if [[ -s $SKIPPED ]]; then
     { echo "skipped to stay within MAX_SECONDS=$MAX_SECONDS:"; cat "$SKIPPED"; } >> "$LOGS"
 fi
+# Apache's start-up notices are not problems; nor is AH01882, Debian's mod_ssl saying it
+# was built against a newer OpenSSL patch release than the one installed.
+NOTICES=(-e 'AH00489' -e 'AH00094' -e 'AH00558' -e 'resuming normal operations' -e 'caught SIGTERM' -e 'AH00492' -e 'AH01882')
 for f in upstream-error.log nginx-proxy-error.log apache-proxy-error.log upstream.out nginx.out apache.out quadrige.out; do
     [[ -s $WORK/$f ]] || continue
-    # Apache's start-up notices are not problems.
-    lines=$(grep -cv -e 'AH00489' -e 'AH00094' -e 'AH00558' -e 'resuming normal operations' -e 'caught SIGTERM' -e 'AH00492' "$WORK/$f" || true)
+    lines=$(grep -cv "${NOTICES[@]}" "$WORK/$f" || true)
     ((lines)) || continue
-    { echo "$f: $lines lines"; grep -v -e 'AH00489' -e 'AH00094' -e 'AH00558' -e 'resuming normal operations' -e 'caught SIGTERM' -e 'AH00492' "$WORK/$f" | tail -4 | cut -c1-300; } >> "$LOGS"
+    { echo "$f: $lines lines"; grep -v "${NOTICES[@]}" "$WORK/$f" | tail -4 | cut -c1-300; } >> "$LOGS"
 done
 
 json_str() { "$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 QP_VERSION="$("$QP_BIN" --version 2>/dev/null | head -1) ($QP_DESC)"
+# shellcheck source=/dev/null
 cat > "$WORK/meta.json" <<EOF
 {
   "date": $(json_str "$(date -u '+%Y-%m-%d %H:%M UTC')"),
@@ -501,14 +642,21 @@ cat > "$WORK/meta.json" <<EOF
   "client_cpu": $(json_str "$CLIENT_CPU"),
   "server_cpu": $(json_str "$SERVER_CPU"),
   "apache_threads": $APACHE_THREADS,
-  "qp_worker_threads": $QP_WORKER_THREADS,
+  "qp_workers": $QP_WORKERS,
   "qp_threads_seen": $QP_THREADS_SEEN,
   "rounds": $ROUNDS,
   "conns": $CONNS,
   "duration": $DURATION,
   "slow_clients": $SLOW_CLIENTS,
   "slow_rate": $(json_str "$SLOW_RATE"),
-  "idle_conns": $IDLE_CONNS
+  "idle_conns": $IDLE_CONNS,
+  "tls_requests": $TLS_REQUESTS,
+  "tls_concurrency": $TLS_CONCURRENCY,
+  "tls_rate_secs": $TLS_RATE_SECS,
+  "tls_cert": $(json_str "$(openssl x509 -in "$CERT" -noout -text 2>/dev/null | sed -n 's/^ *Public Key Algorithm: //p; s/^ *ASN1 OID: //p' | paste -sd' ' -)"),
+  "openssl_version": $(json_str "$(openssl version | cut -d' ' -f1-2)"),
+  "python_ssl": $(json_str "$("$PYTHON" -c 'import ssl, sys; print("Python", sys.version.split()[0], "with", ssl.OPENSSL_VERSION)')"),
+  "tls_negotiated": {"upstream": $(json_str "${TLS_NEGOTIATED[upstream]:-}"), "nginx": $(json_str "${TLS_NEGOTIATED[nginx]:-}"), "apache": $(json_str "${TLS_NEGOTIATED[apache]:-}"), "quadrige": $(json_str "${TLS_NEGOTIATED[quadrige]:-}")}
 }
 EOF
 "$PYTHON" "$BENCH_DIR/tools/report.py" "$RAW" "$WORK/meta.json" "$LOGS" > "$WORK/RESULTS.md"

@@ -90,6 +90,25 @@ def main():
         rows.append((f"{label}: CPU used, % of a core (proxy / upstream; the server core's "
                      f"total busy time, other work included)", "text",
                      {t: busy(test, t) for t in TARGETS}))
+    # New TLS connections ("upstream alone": its own TLS listener answers /small).
+    rows.append(("TLS new connection: time to first byte p50 (ms; TCP connect and TLS 1.3 "
+                 "handshake included)", "ms",
+                 {t: ms(med("tls", t, "ttfb_p50_us")) for t in TARGETS}))
+    rows.append(("TLS new connection: time to first byte p99 (ms)", "ms",
+                 {t: ms(med("tls", t, "ttfb_p99_us")) for t in TARGETS}))
+    rows.append(("TLS new connection: handshake done, client side, p50 (ms; TCP connect "
+                 "included)", "ms",
+                 {t: ms(med("tls", t, "hs_p50_us")) for t in TARGETS}))
+    tls_conc = meta.get("tls_concurrency", 0)
+    if tls_conc:
+        rows.append((f"TLS new connections/s ({tls_conc} client processes, one request each; "
+                      f"bounded by the client when its core is full, see below)",
+                     "int", {t: med("tls_rate", t, "rate") for t in TARGETS}))
+        rows.append(("TLS new connection: CPU per connection (µs; proxy, or upstream alone)", "us",
+                     {t: med("tls_rate", t, "cpu_us_per_conn") for t in TARGETS}))
+        rows.append(("TLS new connections: CPU used, % of a core (proxy / upstream; the "
+                     "server core's total busy time, other work included)", "text",
+                     {t: busy("tls_rate", t) for t in TARGETS}))
     rows.append(("1 GiB download (GB/s)", "gbs", {t: med("download", t, "gbps") for t in TARGETS}))
     rows.append(("1 GiB download: CPU seconds (proxy, or upstream alone)", "s",
                  {t: med("download", t, "cpu_s") for t in TARGETS}))
@@ -131,15 +150,30 @@ def main():
       f"{meta['server_cpu']}"
       f"{'' if any(c in str(meta['server_cpu']) for c in ',-') else ' (one core for the whole server side, as in issue 5)'}. nginx: 1 "
       f"worker process; Apache: mpm_event, 1 child process with {meta['apache_threads']} "
-      f"threads; quadrige-proxy: {meta['qp_worker_threads']} tokio worker thread(s) "
-      f"(TOKIO_WORKER_THREADS; {meta['qp_threads_seen']} threads in the process). Upstream: "
+      f"threads; quadrige-proxy: {meta['qp_workers']} worker thread(s) "
+      f"(`workers`; {meta['qp_threads_seen']} threads in the process). Upstream: "
       f"nginx, 1 worker. Access logs off everywhere.")
     w("")
     w(f"{meta['rounds']} rounds, targets alternated within each round "
       f"(upstream, nginx, Apache, quadrige-proxy); medians. wrk: 1 thread, "
       f"{meta['conns']} keep-alive connections, {meta['duration']} s per run. Ratios: "
-      f"higher is better for requests/s and GB/s, lower is better for latency and memory.")
+      f"higher is better for requests/s, connections/s and GB/s, lower is better for "
+      f"latency, CPU and memory.")
     w("")
+    if any(r["test"] in ("tls", "tls_rate") for r in raw):
+        neg = meta.get("tls_negotiated", {})
+        seen = "; ".join(f"{NAMES[t]}: {neg[t]}" for t in TARGETS if neg.get(t))
+        w(f"TLS: each target's TLS listener (the proxies forward `/small` to the upstream; "
+          f"the upstream alone answers it on a TLS listener of its own) with the run's "
+          f"self-signed certificate ({meta.get('tls_cert', '?')}). The client "
+          f"({meta.get('python_ssl', 'Python')}) asks for TLS 1.3 and ALPN http/1.1, never "
+          f"resumes a session, and makes a new TCP connection and a full handshake per "
+          f"request: {meta.get('tls_requests', '?')} sequential ones per proxy and round "
+          f"(time to first byte from the connect), then {tls_conc} processes for "
+          f"{meta.get('tls_rate_secs', '?')} s (connections/s). Negotiated with "
+          f"`openssl s_client -tls1_3` ({meta.get('openssl_version', 'OpenSSL')}): "
+          f"{seen or 'not probed'}.")
+        w("")
     head = ["measure"] + [NAMES[t] for t in TARGETS] + [
         "Apache ÷ nginx", "quadrige ÷ nginx", "quadrige ÷ Apache",
         "nginx ÷ upstream", "Apache ÷ upstream", "quadrige ÷ upstream"]
@@ -154,6 +188,17 @@ def main():
             cells += [ratio(a, n), ratio(q, n), ratio(q, a), ratio(n, u), ratio(a, u), ratio(q, u)]
         w("| " + " | ".join(cells) + " |")
     w("")
+    # One client core cannot out-handshake one server core (a TLS client does about as much
+    # work per handshake as the server): say when the connection rate measured the client.
+    client_full = {t: med("tls_rate", t, "client_core_busy_pct") for t in TARGETS}
+    client_full = {t: v for t, v in client_full.items() if v is not None and v >= 90}
+    if client_full:
+        w("TLS new connections/s: the client's core was "
+          + ", ".join(f"{v:.0f} % busy for {NAMES[t]}" for t, v in client_full.items())
+          + ": those rates are what the client could drive, not what the server could take. "
+          "Compare the CPU per connection instead (the server's own CPU time divided by "
+          "the connections), and the time to first byte.")
+        w("")
 
     # Issue 5's targets, checked on this run's medians.
     def get(test, t, key):
@@ -179,6 +224,9 @@ def main():
         q, n, u = (get(test, t, "gbps") for t in ("quadrige", "nginx", "upstream"))
         check(f"1 GiB {test}: GB/s ≥ 2 × nginx", q, None if n is None else 2 * n)
         check(f"1 GiB {test}: GB/s ≥ 0.8 × upstream alone", q, None if u is None else 0.8 * u)
+    check("TLS new connection: time to first byte p50 ≤ nginx's (ms; informative, issue 5 "
+          "names the measure, not a threshold)", ms(get("tls", "quadrige", "ttfb_p50_us")),
+          ms(get("tls", "nginx", "ttfb_p50_us")), higher_is_better=False)
     check(f"{slow} slow readers: peak RSS ≤ 24 MiB", kib_mib(one("slow", "quadrige", "peak_kib")),
           24.0, higher_is_better=False)
     check(f"{idle:,} idle connections: RSS increase ≤ 48 MiB",
@@ -205,6 +253,23 @@ def main():
                        f"p99 {ms(r['p99_us']):.2f} ms ({r['requests']:,} requests; "
                        f"{r['cpu_us_per_req']:.1f} µs CPU each; upstream: "
                        f"{r['upstream_conns']:,} connections, {r['upstream_reqs']:,} requests)")
+        elif r["test"] == "tls":
+            if r.get("ttfb_p50_us") is None:
+                res = "no result"
+            else:
+                res = (f"time to first byte p50 {ms(r['ttfb_p50_us']):.2f} ms, p90 "
+                       f"{ms(r['ttfb_p90_us']):.2f} ms, p99 {ms(r['ttfb_p99_us']):.2f} ms, max "
+                       f"{ms(r['ttfb_max_us']):.2f} ms; handshake p50 {ms(r['hs_p50_us']):.2f} ms, "
+                       f"p99 {ms(r['hs_p99_us']):.2f} ms ({r['requests']:,}/{r['count']:,} new "
+                       f"connections in {r['secs']:.2f} s; {r['version']} {r['cipher']} "
+                       f"{r['alpn']}, {r['resumed']} resumed; upstream: {r['upstream_conns']:,} "
+                       f"connections, {r['upstream_reqs']:,} requests)")
+        elif r["test"] == "tls_rate":
+            if r.get("rate") is None:
+                res = "no result"
+            else:
+                res = (f"{r['rate']:,.0f} new TLS connections/s ({r['conns']:,} in "
+                       f"{r['secs']:.2f} s; {r['cpu_us_per_conn']:.1f} µs CPU each)")
         elif r["test"] in ("download", "upload"):
             res = (f"{r['gbps']:.2f} GB/s ({r['bytes']:,} bytes in {r['secs']:.2f} s, "
                    f"HTTP {r['http']}, curl exit {r['curl_rc']}; {r['cpu_s']:.2f} s CPU)")
@@ -236,12 +301,14 @@ def main():
     # pooling: its figures are then about connection set-up, not proxying.
     no_pool = []
     for t in TARGETS[1:]:
-        for test in ("get", "post"):
+        for test in ("get", "post", "tls"):
             k = median([per_k(r) for r in raw if r["test"] == test and r["target"] == t])
             if k is not None and k > 100:
+                what = ("requests on new TLS connections" if test == "tls"
+                        else f"keep-alive requests on small {test.upper()}")
                 no_pool.append(f"- {NAMES[t]} opened {k:.0f} upstream connections per 1,000 "
-                               f"keep-alive requests on small {test.upper()} (a pooling proxy "
-                               f"opens ~0): its upstream connections are not reused.")
+                               f"{what} (a pooling proxy opens ~0): its upstream connections "
+                               f"are not reused.")
     w("## Problems seen")
     w("")
     for line in no_pool:

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -50,22 +51,86 @@ impl WriteStallLimit {
     }
 }
 
+/// What a connection has done, as counters its driver compares over time to tell
+/// that it is idle: no exchange under way, none started and no byte read since the
+/// last look.
+#[derive(Debug, Default)]
+pub struct Activity {
+    started: AtomicU64,
+    finished: AtomicU64,
+    reads: AtomicU64,
+}
+
+/// A moment of a connection's [`Activity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivitySnapshot {
+    started: u64,
+    finished: u64,
+    reads: u64,
+}
+
+impl ActivitySnapshot {
+    pub fn exchange_under_way(&self) -> bool {
+        self.started != self.finished
+    }
+}
+
+impl Activity {
+    /// Marks an exchange as under way until the returned guard is dropped.
+    pub fn exchange(self: &Arc<Self>) -> ExchangeUnderWay {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        ExchangeUnderWay(self.clone())
+    }
+
+    pub fn snapshot(&self) -> ActivitySnapshot {
+        ActivitySnapshot {
+            started: self.started.load(Ordering::Relaxed),
+            finished: self.finished.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// An exchange on the connection, from its request head to the end of its response
+/// body (or its cancellation).
+pub struct ExchangeUnderWay(Arc<Activity>);
+
+impl Drop for ExchangeUnderWay {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A client stream whose blocked writes time out.
 pub struct ClientStream<S> {
     inner: S,
     limit: WriteStallLimit,
     timer: Option<Pin<Box<Sleep>>>,
     stalled: bool,
+    /// Bytes read from the socket that a previous HTTP/1 session left unparsed.
+    unread: Bytes,
+    activity: Arc<Activity>,
 }
 
 impl<S> ClientStream<S> {
-    pub fn new(inner: S, limit: WriteStallLimit) -> ClientStream<S> {
+    pub fn new(inner: S, limit: WriteStallLimit, activity: Arc<Activity>) -> ClientStream<S> {
         ClientStream {
             inner,
             limit,
             timer: None,
             stalled: false,
+            unread: Bytes::new(),
+            activity,
         }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Bytes to hand out before reading the socket again.
+    pub fn unread(&mut self, bytes: Bytes) {
+        self.unread = bytes;
     }
 
     /// Called when a write could not progress: arms the stall timer, and says whether it
@@ -136,7 +201,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            if self.unread.is_empty() {
+                self.unread = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        read
     }
 }
 
