@@ -1,14 +1,16 @@
 //! Time and allocations per operation on the request path (issue 5): route matching,
-//! header rewriting both ways, the GraphQL peek. Run with `cargo bench --bench alloc`;
-//! the `alloc:` and `grow:` rows are counts per operation. `tests/alloc_budget.rs`
-//! holds the counts so that a regression fails the tests.
+//! header rewriting both ways, the GraphQL peek, the exchange's bookkeeping. Run with
+//! `cargo bench --bench alloc`; the `alloc:` and `grow:` rows are counts per operation.
+//! `tests/alloc_budget.rs` holds the counts so that a regression fails the tests.
 
 #[path = "alloc/cases.rs"]
 mod cases;
 
 use std::sync::LazyLock;
 
-use cases::{Fixture, GraphqlCase, HeaderCase, PathCase, GRAPHQL, HEADERS, PATHS};
+use cases::{
+    ExchangeCase, Fixture, GraphqlCase, HeaderCase, PathCase, EXCHANGES, GRAPHQL, HEADERS, PATHS,
+};
 use divan::{black_box, AllocProfiler, Bencher};
 
 #[global_allocator]
@@ -43,4 +45,14 @@ fn headers(bencher: Bencher, case: &HeaderCase) {
 fn graphql(bencher: Bencher, case: &GraphqlCase) {
     case.check();
     bencher.bench_local(|| black_box(case).run());
+}
+
+#[divan::bench(args = EXCHANGES)]
+fn exchange(bencher: Bencher, case: &ExchangeCase) {
+    let fixture = &*FIXTURE;
+    case.check(fixture);
+    let head = case.input();
+    // The record and the entry are dropped after the measurement: they end with the
+    // response body.
+    bencher.bench_local(|| case.run(fixture, black_box(&head)));
 }

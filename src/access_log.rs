@@ -16,12 +16,12 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{HeaderValue, Method, Version};
 use tokio::time::Instant;
 
 use crate::config::{AccessLogFormat, AccessLogTarget, LogConfig};
 use crate::escape;
-use crate::metrics::RouteMetrics;
+use crate::metrics::{self, LiveGuard, RouteMetrics};
 use crate::route::Route;
 
 /// Where access lines go.
@@ -63,6 +63,16 @@ impl AccessLog {
         })
     }
 
+    /// A copy of a request header the log line will show, none when nothing is logged.
+    fn detached_header(
+        &self,
+        request: &http::request::Parts,
+        name: http::header::HeaderName,
+    ) -> Option<HeaderValue> {
+        let value = request.headers.get(name).filter(|_| self.sink.is_some())?;
+        HeaderValue::from_bytes(value.as_bytes()).ok()
+    }
+
     fn write(&self, exchange: &Exchange) {
         let Some(sink) = &self.sink else { return };
         let line = match self.format {
@@ -91,13 +101,19 @@ fn write_lines(receiver: Receiver<String>, mut writer: Box<dyn Write + Send>) {
 }
 
 /// What the log phase needs to know about one request.
+///
+/// It lives as long as the response body, minutes for a big download, so it keeps
+/// nothing of the parsed request: hyper's header values and target are views into the
+/// connection's 8 KiB read buffer, and one clone would keep that buffer allocated for
+/// the whole transfer (measured: 8 KiB more per slow download).
 pub struct Exchange {
     log: Arc<AccessLog>,
     pub started: Instant,
     wall: SystemTime,
     client: IpAddr,
     method: Method,
-    uri: Uri,
+    /// The request target (path and query, `*` for none), copied.
+    pub target: Arc<str>,
     version: Version,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
@@ -112,6 +128,9 @@ pub struct Exchange {
     pub response_header_after: Option<Duration>,
     /// Why the transfer was cut short, if it was.
     outcome: Option<String>,
+    /// The request's status-page entry: listed exactly as long as this record lives,
+    /// which is as long as the response body, without a box of its own.
+    listed: Option<LiveGuard>,
 }
 
 impl Exchange {
@@ -121,25 +140,33 @@ impl Exchange {
         client: IpAddr,
         request_id: HeaderValue,
     ) -> Box<Exchange> {
+        let referer = log.detached_header(request, http::header::REFERER);
+        let user_agent = log.detached_header(request, http::header::USER_AGENT);
         Box::new(Exchange {
             log,
             started: Instant::now(),
             wall: SystemTime::now(),
             client,
             method: request.method.clone(),
-            uri: request.uri.clone(),
+            target: Arc::from(request.uri.path_and_query().map_or("*", |pq| pq.as_str())),
             version: request.version,
-            referer: request.headers.get(http::header::REFERER).cloned(),
-            user_agent: request.headers.get(http::header::USER_AGENT).cloned(),
+            referer,
+            user_agent,
             request_id,
-            route: Arc::from("-"),
+            route: metrics::unrouted(),
             upstream: None,
             status: 0,
             bytes_sent: 0,
             metrics: None,
             response_header_after: None,
             outcome: None,
+            listed: None,
         })
+    }
+
+    /// Keeps the request listed on the status page until this record is written.
+    pub fn keep_listed(&mut self, live: LiveGuard) {
+        self.listed = Some(live);
     }
 
     /// The route is known: name it in the log and count the exchange in its metrics.
@@ -237,8 +264,7 @@ impl Exchange {
     /// As the client wrote it for HTTP/1.1; HTTP/2's `:scheme` and `:authority` are
     /// left out, as Apache does.
     fn request_line(&self) -> String {
-        let target = self.uri.path_and_query().map_or("*", |pq| pq.as_str());
-        format!("{} {target} {:?}", self.method, self.version)
+        format!("{} {} {:?}", self.method, self.target, self.version)
     }
 }
 
@@ -316,8 +342,15 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
+        // A log that is written (here, nowhere): only then are Referer and User-Agent kept.
+        let (sink, _unread) = mpsc::sync_channel(1);
+        let log = Arc::new(AccessLog {
+            sink: Some(sink),
+            format: AccessLogFormat::Combined,
+            dropped: AtomicU64::new(0),
+        });
         let mut ex = Exchange::begin(
-            AccessLog::disabled(),
+            log,
             &request,
             "192.0.2.7".parse().unwrap(),
             HeaderValue::from_static("abc"),

@@ -357,7 +357,7 @@ pub fn status_json(proxy: &Proxy) -> String {
             t.started.elapsed().as_millis(),
             t.client
         );
-        json_string(&mut out, &t.request);
+        json_string(&mut out, &t.request());
         out.push_str(",\"route\":");
         json_string(&mut out, &route);
         out.push_str(",\"stage\":");
@@ -418,7 +418,7 @@ fn in_flight_table(out: &mut String, proxy: &Proxy) {
         out.push_str("<tr>");
         number(out, format!("{:.1} s", t.started.elapsed().as_secs_f64()));
         cell(out, &t.client.to_string());
-        cell(out, &t.request);
+        cell(out, &t.request());
         cell(
             out,
             &t.route.lock().map(|r| r.to_string()).unwrap_or_default(),

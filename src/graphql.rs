@@ -8,6 +8,8 @@
 //! matches a batch when any of its operations is listed: the batch runs as long as its
 //! slowest member, so it needs that member's timers.
 
+use std::borrow::Cow;
+
 /// The operation names found in a JSON body prefix (empty when none could be read).
 pub fn operations_in_json(body: &[u8]) -> Vec<String> {
     let mut scan = Scanner {
@@ -40,10 +42,15 @@ pub fn operation_in_query(query: &str) -> Option<String> {
             .then(|| percent_decode(value))
             .flatten()
             .filter(|v| !v.is_empty())
+            .map(Cow::into_owned)
     })
 }
 
-fn percent_decode(text: &str) -> Option<String> {
+/// Borrows `text` when there is nothing to decode, the usual case for a GraphQL name.
+fn percent_decode(text: &str) -> Option<Cow<'_, str>> {
+    if !text.contains(['%', '+']) {
+        return Some(Cow::Borrowed(text));
+    }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -59,7 +66,7 @@ fn percent_decode(text: &str) -> Option<String> {
         }
         i += 1;
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// A forgiving cursor over JSON bytes: every method returns `None` when the input ends
@@ -69,7 +76,7 @@ struct Scanner<'a> {
     pos: usize,
 }
 
-impl Scanner<'_> {
+impl<'a> Scanner<'a> {
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.pos).copied()
     }
@@ -122,7 +129,7 @@ impl Scanner<'_> {
             self.expect(b':')?;
             self.skip_whitespace();
             if key == "operationName" && self.peek()? == b'"' {
-                *name = Some(self.string()?);
+                *name = Some(self.string()?.into_owned());
             } else {
                 self.skip_value()?;
             }
@@ -138,14 +145,41 @@ impl Scanner<'_> {
         }
     }
 
-    fn string(&mut self) -> Option<String> {
+    /// A string's value, borrowed from the input unless it has escapes to decode: a
+    /// key is compared in place, and a name is copied once, at its size.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
         self.expect(b'"')?;
-        let mut out = Vec::new();
+        let start = self.pos;
+        let mut end = start;
+        let mut escaped = false;
+        while let Some(&byte) = self.bytes.get(end) {
+            match byte {
+                b'"' => break,
+                b'\\' => {
+                    escaped = true;
+                    end += 2;
+                }
+                _ => end += 1,
+            }
+        }
+        let end = end.min(self.bytes.len());
+        if !escaped {
+            self.pos = end;
+            // No closing quote: the input ended inside the string.
+            self.peek()?;
+            self.pos += 1;
+            return std::str::from_utf8(&self.bytes[start..end])
+                .ok()
+                .map(Cow::Borrowed);
+        }
+        // Decoding only shortens: `\uXXXX`, the longest expansion, is 6 bytes for at
+        // most 3. The walk below may look past `end` only to fail.
+        let mut out = Vec::with_capacity(end - start);
         loop {
             let byte = self.peek()?;
             self.pos += 1;
             match byte {
-                b'"' => return String::from_utf8(out).ok(),
+                b'"' => return String::from_utf8(out).ok().map(Cow::Owned),
                 b'\\' => {
                     let escaped = self.peek()?;
                     self.pos += 1;

@@ -89,11 +89,6 @@ struct ImportArgs {
     no_geonature_routes: bool,
 }
 
-// Measured on the small-request benchmark: glibc's malloc trims and regrows its heap
-// under this churn (brk calls, page faults); mimalloc keeps per-thread free lists.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

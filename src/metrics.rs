@@ -3,6 +3,7 @@
 //! additions: no lock, no allocation, no label lookup on the request path. Also the
 //! registry of requests in flight that the status page lists.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::Method;
 use tokio::time::Instant;
 
 #[derive(Debug, Default)]
@@ -252,16 +254,48 @@ impl Stage {
     }
 }
 
+/// A route name that is no configured route's: `-` before routing, `(refused)`,
+/// `(maintenance)`... Every request starts with one, so each thread keeps one `Arc` of
+/// each, made at its first use: a clone is then neither an allocation nor a write to a
+/// reference count that every worker thread writes.
+pub fn fixed_name(name: &'static str) -> Arc<str> {
+    thread_local! {
+        static NAMES: RefCell<Vec<(&'static str, Arc<str>)>> = const { RefCell::new(Vec::new()) };
+    }
+    NAMES
+        .try_with(|names| {
+            let mut names = names.borrow_mut();
+            if let Some((_, shared)) = names.iter().find(|(known, _)| *known == name) {
+                return shared.clone();
+            }
+            let shared = Arc::<str>::from(name);
+            names.push((name, shared.clone()));
+            shared
+        })
+        // Only while the thread's locals are torn down.
+        .unwrap_or_else(|_| Arc::from(name))
+}
+
+/// The route name of a request not routed yet.
+pub fn unrouted() -> Arc<str> {
+    fixed_name("-")
+}
+
 /// One request in flight, as the status page shows it.
 #[derive(Debug)]
 pub struct Tracked {
     pub started: Instant,
     pub client: IpAddr,
-    /// Method and path, cut to a readable length.
-    pub request: String,
+    /// The status page's text is made when the page is asked for, not for every
+    /// request. The target is the exchange's own copy (see `access_log::Exchange`).
+    method: Method,
+    target: Arc<str>,
     pub route: Mutex<Arc<str>>,
     stage: AtomicU8,
 }
+
+/// Longest request text the status page shows, in bytes, before `…`.
+const REQUEST_TEXT_MAX: usize = 160;
 
 impl Tracked {
     pub fn set_stage(&self, stage: Stage) {
@@ -275,36 +309,63 @@ impl Tracked {
     pub fn set_route(&self, route: &Arc<str>) {
         *self.route.lock().unwrap_or_else(|e| e.into_inner()) = route.clone();
     }
-}
 
-/// The requests in flight, for the status page.
-#[derive(Debug, Default)]
-pub struct Live {
-    next: AtomicU64,
-    entries: Mutex<HashMap<u64, Arc<Tracked>>>,
-}
-
-impl Live {
-    /// Registers a request; it is listed until the returned guard is dropped.
-    pub fn track(self: &Arc<Self>, client: IpAddr, method: &http::Method, path: &str) -> LiveGuard {
-        let mut request = format!("{method} {path}");
-        if request.len() > 160 {
-            let cut = (0..=160)
+    /// Method and path, cut to a readable length.
+    pub fn request(&self) -> String {
+        let path = self.target.split('?').next().unwrap_or_default();
+        let mut request = format!("{} {path}", self.method);
+        if request.len() > REQUEST_TEXT_MAX {
+            let cut = (0..=REQUEST_TEXT_MAX)
                 .rev()
                 .find(|i| request.is_char_boundary(*i))
                 .unwrap_or(0);
             request.truncate(cut);
             request.push('…');
         }
+        request
+    }
+}
+
+/// Shards of the registry of requests in flight: worker threads registering and
+/// forgetting requests at the same time mostly take different locks.
+const LIVE_SHARDS: usize = 16;
+
+/// One shard, on a cache line of its own so that neighbouring locks do not contend.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(Mutex<HashMap<u64, Arc<Tracked>>>);
+
+impl Shard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The requests in flight, for the status page.
+#[derive(Debug, Default)]
+pub struct Live {
+    next: AtomicU64,
+    shards: [Shard; LIVE_SHARDS],
+}
+
+impl Live {
+    /// Registers a request; it is listed until the returned guard is dropped.
+    pub fn track(
+        self: &Arc<Self>,
+        client: IpAddr,
+        method: &Method,
+        target: &Arc<str>,
+    ) -> LiveGuard {
         let tracked = Arc::new(Tracked {
             started: Instant::now(),
             client,
-            request,
-            route: Mutex::new(Arc::from("-")),
+            method: method.clone(),
+            target: target.clone(),
+            route: Mutex::new(unrouted()),
             stage: AtomicU8::new(Stage::Routing as u8),
         });
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, tracked.clone());
+        self.shard(id).lock().insert(id, tracked.clone());
         LiveGuard {
             live: self.clone(),
             id,
@@ -312,13 +373,16 @@ impl Live {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, id: u64) -> &Shard {
+        &self.shards[(id % LIVE_SHARDS as u64) as usize]
     }
 
     /// The requests in flight, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<Tracked>> {
-        let mut all: Vec<Arc<Tracked>> = self.lock().values().cloned().collect();
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            all.extend(shard.lock().values().cloned());
+        }
         all.sort_by_key(|t| t.started);
         all
     }
@@ -334,7 +398,7 @@ pub struct LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.live.lock().remove(&self.id);
+        self.live.shard(self.id).lock().remove(&self.id);
     }
 }
 
@@ -385,10 +449,41 @@ mod tests {
     #[test]
     fn live_lists_requests_until_their_guard_drops() {
         let live = Arc::new(Live::default());
-        let guard = live.track("192.0.2.1".parse().unwrap(), &http::Method::GET, "/x");
+        let client = "192.0.2.1".parse().unwrap();
+        let guard = live.track(client, &Method::GET, &Arc::from("/x?y=1"));
         guard.tracked.set_stage(Stage::Queued);
-        assert_eq!(live.snapshot()[0].stage(), Stage::Queued);
-        drop(guard);
+        let later = live.track(client, &Method::POST, &Arc::from("/z"));
+        let listed = live.snapshot();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].stage(), Stage::Queued);
+        assert_eq!(listed[0].request(), "GET /x");
+        assert_eq!(listed[1].request(), "POST /z");
+        assert_eq!(&**listed[1].route.lock().unwrap(), "-");
+        drop((guard, listed));
+        assert_eq!(live.snapshot().len(), 1);
+        drop(later);
         assert!(live.snapshot().is_empty());
+    }
+
+    #[test]
+    fn long_requests_are_cut_on_a_character_boundary() {
+        let live = Arc::new(Live::default());
+        let path = format!("/{}", "é".repeat(100));
+        let guard = live.track(
+            "192.0.2.1".parse().unwrap(),
+            &Method::GET,
+            &Arc::from(path.as_str()),
+        );
+        let text = guard.tracked.request();
+        assert!(text.ends_with('…'), "{text}");
+        assert_eq!(text.len(), 159 + '…'.len_utf8(), "{text}");
+        assert!(format!("GET {path}").starts_with(text.trim_end_matches('…')));
+    }
+
+    #[test]
+    fn fixed_names_are_shared_within_a_thread() {
+        assert!(Arc::ptr_eq(&unrouted(), &unrouted()));
+        assert_eq!(&*fixed_name("(refused)"), "(refused)");
+        assert!(!Arc::ptr_eq(&fixed_name("(refused)"), &unrouted()));
     }
 }

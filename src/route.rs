@@ -140,7 +140,18 @@ impl RouteTable {
         path: &str,
         operations: Option<&[String]>,
     ) -> Selection {
-        let path = &*decoded_path(path);
+        self.select_decoded(start, method, &decoded_path(path), operations)
+    }
+
+    /// [`RouteTable::select`] on a path already through [`decoded_path`]: a request
+    /// asked about twice (before and after the GraphQL peek) is decoded once.
+    pub fn select_decoded(
+        &self,
+        start: usize,
+        method: &Method,
+        path: &str,
+        operations: Option<&[String]>,
+    ) -> Selection {
         for (index, route) in self.routes.iter().enumerate().skip(start) {
             if !route.matches_request_line(method, path) {
                 continue;
@@ -251,7 +262,12 @@ pub fn decoded_path(raw: &str) -> Cow<'_, str> {
             }
         }
     }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    // The decoded bytes become the string in place; only a path that is not UTF-8 pays
+    // for the replaced copy.
+    Cow::Owned(
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The per-request operations issue 5 bounds in allocations, with their inputs: route
 //! matching on the shipped GeoNature table, request and response header rewriting on
-//! realistic header sets, and the GraphQL peek. Shared by the `alloc` bench (time and
+//! realistic header sets, the GraphQL peek, and the exchange's bookkeeping (its log
+//! record and its status-page entry). Shared by the `alloc` bench (time and
 //! allocation counts) and `tests/alloc_budget.rs` (the budget), so both measure the
 //! same thing.
 
@@ -11,9 +12,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::Method;
+use http::request::Parts;
+use http::{Method, Uri};
+use quadrige_proxy::access_log::{AccessLog, Exchange};
 use quadrige_proxy::config::Cidr;
 use quadrige_proxy::graphql;
+use quadrige_proxy::metrics::{Live, LiveGuard};
 use quadrige_proxy::proxy::headers::{self, Forwarded, RequestIds};
 use quadrige_proxy::route::{Route, RouteTable, Selection};
 use quadrige_proxy::upstream::Endpoint;
@@ -29,10 +33,14 @@ pub struct Fixture {
     /// geonature.toml trusts no proxy; the `via_trusted_proxy` case needs one, and the
     /// direct client's address is outside it, so that case alone is affected.
     trusted_proxies: Vec<Cidr>,
+    access_log: Arc<AccessLog>,
+    live: Arc<Live>,
 }
 
 /// The public origin of the GeoNature host, as the client's `Host` gives it.
 const PUBLIC_ORIGIN: &str = "https://geonature.example.org";
+/// The same in the pieces `respond` hands over: the scheme and the client's `Host`.
+const PUBLIC_ORIGIN_PIECES: [&[u8]; 3] = [b"https", b"://", b"geonature.example.org"];
 
 impl Fixture {
     pub fn new() -> Fixture {
@@ -46,12 +54,23 @@ impl Fixture {
         // only. The proxy's long-lived values were cloned by earlier requests; these are
         // cloned here so that a measurement sees that steady state, not a start-up cost.
         drop((server_name.clone(), upstream.host_header.clone()));
+        let live = Arc::new(Live::default());
+        // The registry of requests in flight grows its tables to the proxy's load once;
+        // a few hundred requests in flight, then none, leave it as a running proxy's.
+        let warm_target: Arc<str> = Arc::from("/warm");
+        let client = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+        let warm: Vec<_> = (0..256)
+            .map(|_| live.track(client, &Method::GET, &warm_target))
+            .collect();
+        drop(warm);
         Fixture {
             routes: RouteTable::new(&config),
             request_ids: RequestIds::new(),
             server_name,
             upstream,
             trusted_proxies: vec![Cidr::parse("127.0.0.1/32").expect("a valid CIDR")],
+            access_log: AccessLog::disabled(),
+            live,
         }
     }
 }
@@ -270,24 +289,30 @@ pub struct Head {
     pub request_id: Option<HeaderValue>,
 }
 
+/// A header map as hyper hands it over for a connection's first request: reserved for
+/// the parsed count (later requests on the connection reuse the previous response's map,
+/// whose room varies), values that are slices of the connection's read buffer (so
+/// cloning one only counts a reference).
+fn parsed_headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let buffer = Bytes::from(pairs.iter().map(|(_, v)| *v).collect::<String>());
+    let mut headers = HeaderMap::new();
+    headers.reserve(pairs.len());
+    let mut at = 0;
+    for (name, value) in pairs {
+        let slice = buffer.slice(at..at + value.len());
+        at += value.len();
+        headers.append(
+            HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
+            HeaderValue::from_maybe_shared(slice).expect("a valid header value"),
+        );
+    }
+    headers
+}
+
 impl HeaderCase {
-    /// A fresh input as for a connection's first request: hyper's map reserved for the
-    /// parsed count (later requests on the connection reuse the previous response's
-    /// map, whose room varies), values that are slices of the connection's read buffer
-    /// (so cloning one only counts a reference).
+    /// A fresh input, as hyper parses it.
     pub fn input(&self, fixture: &Fixture) -> Head {
-        let buffer = Bytes::from(self.headers.iter().map(|(_, v)| *v).collect::<String>());
-        let mut headers = HeaderMap::new();
-        headers.reserve(self.headers.len());
-        let mut at = 0;
-        for (name, value) in self.headers {
-            let slice = buffer.slice(at..at + value.len());
-            at += value.len();
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
-                HeaderValue::from_maybe_shared(slice).expect("a valid header value"),
-            );
-        }
+        let headers = parsed_headers(self.headers);
         let request_id = match self.op {
             HeaderOp::Request { .. } => None,
             // By the response, the request path has cloned its id (into the upstream
@@ -324,13 +349,11 @@ impl HeaderCase {
                 head.request_id = Some(request_id);
             }
             HeaderOp::Response => {
-                let rewrites_location = headers.contains_key(header::LOCATION)
-                    || headers.contains_key(header::CONTENT_LOCATION);
                 let request_id = head.request_id.as_ref().expect("made by input()");
-                headers::to_client(
+                headers::to_client_in_pieces(
                     headers,
                     &fixture.upstream.self_origin,
-                    rewrites_location.then_some(PUBLIC_ORIGIN),
+                    Some(&PUBLIC_ORIGIN_PIECES),
                     request_id,
                 );
             }
@@ -417,5 +440,105 @@ impl GraphqlCase {
     /// Panics unless every operation is found.
     pub fn check(&self) {
         assert_eq!(self.run(), self.operations, "{}", self.name);
+    }
+}
+
+/// A request as `Proxy::handle` starts the bookkeeping of its exchange.
+pub struct ExchangeCase {
+    pub name: &'static str,
+    method: Method,
+    target: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    /// The route it is counted under, `None` for an answer given before routing.
+    route: Option<&'static str>,
+}
+
+impl fmt::Display for ExchangeCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+pub const EXCHANGES: [ExchangeCase; 2] = [
+    ExchangeCase {
+        name: "proxied",
+        method: Method::GET,
+        target: "/geonature/api/gn_commons/modules?module_code=SYNTHESE",
+        headers: BROWSER_REQUEST,
+        route: Some("geonature-api"),
+    },
+    ExchangeCase {
+        name: "refused_before_routing",
+        method: Method::GET,
+        target: "/geonature/api/gn_commons/modules",
+        headers: BROWSER_REQUEST,
+        route: None,
+    },
+];
+
+/// The request id an exchange carries: made (and measured) by the header rewrite.
+static EXCHANGE_ID: HeaderValue = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+
+/// The status-page entry, as `Proxy::handle` makes it: with the record's own copy of
+/// the target.
+fn track(live: &Arc<Live>, head: &Parts, exchange: &Exchange) -> LiveGuard {
+    live.track(
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+        &head.method,
+        &exchange.target,
+    )
+}
+
+impl ExchangeCase {
+    /// The request head as hyper parses it: the target and the values are slices of the
+    /// connection's read buffer.
+    pub fn input(&self) -> Parts {
+        let mut head = http::Request::new(()).into_parts().0;
+        head.method = self.method.clone();
+        let buffer = Bytes::from(self.target.to_owned());
+        head.uri = Uri::from_maybe_shared(buffer.slice(..)).expect("a valid request target");
+        head.headers = parsed_headers(self.headers);
+        head
+    }
+
+    /// What `Proxy::handle` (and `proxy`, once routed) does to start the exchange's log
+    /// record and status-page entry: the record, which keeps the entry, is what the
+    /// response body holds until it is done.
+    pub fn run(&self, fixture: &Fixture, head: &Parts) -> Box<Exchange> {
+        let client = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+        let mut exchange = Exchange::begin(
+            fixture.access_log.clone(),
+            head,
+            client,
+            EXCHANGE_ID.clone(),
+        );
+        let live = track(&fixture.live, head, &exchange);
+        if let Some(route) = self.route(fixture) {
+            exchange.enter_route(route);
+            live.tracked.set_route(&route.name);
+        }
+        exchange.keep_listed(live);
+        exchange
+    }
+
+    fn route<'t>(&self, fixture: &'t Fixture) -> Option<&'t Route> {
+        let wanted = self.route?;
+        fixture.routes.iter().find(|route| &*route.name == wanted)
+    }
+
+    /// Panics unless the exchange is listed while it runs and forgotten after.
+    pub fn check(&self, fixture: &Fixture) {
+        assert_eq!(
+            self.route(fixture).map(|r| &*r.name),
+            self.route,
+            "{}",
+            self.name
+        );
+        let head = self.input();
+        let before = fixture.live.snapshot().len();
+        let kept = self.run(fixture, &head);
+        assert_eq!(fixture.live.snapshot().len(), before + 1, "{}", self.name);
+        drop(kept);
+        assert_eq!(fixture.live.snapshot().len(), before, "{}", self.name);
     }
 }

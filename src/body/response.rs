@@ -24,7 +24,8 @@ pub struct ResponseBody {
     kind: Kind,
     exchange: Option<Box<Exchange>>,
     /// Whatever must live exactly as long as the transfer: the upstream slot, the
-    /// route's and the client's places under their limits, the status-page entry.
+    /// route's and the client's places under their limits, the client connection's
+    /// mark of an exchange under way.
     held: Vec<Box<dyn Send + Sync>>,
 }
 

@@ -2,10 +2,11 @@
 //! `X-Forwarded-*` family and `Host` as Apache's mod_proxy sets them, request ids, and
 //! `Location` rewriting like `ProxyPassReverse`.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Cidr;
@@ -33,15 +34,28 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Each `Connection` line is cloned (a reference count: its bytes are shared) so
+    // that the map can be changed while the line is read. Names are looked up as text,
+    // which parses them on the stack; a `HeaderName` for a non-standard name would be
+    // an allocation. Tokens naming a hop-by-hop header are left to the loop below, so
+    // the `Connection` lines stay in place while they are walked.
+    let mut line = 0;
+    while let Some(value) = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+        .nth(line)
+        .cloned()
+    {
+        line += 1;
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',').map(str::trim) {
+            if !HOP_BY_HOP
+                .iter()
+                .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+            {
+                headers.remove(token);
+            }
+        }
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -99,16 +113,61 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_i
 
 /// Appends the client to `X-Forwarded-For` as Apache does (a single header, comma list).
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut value = String::with_capacity(64);
-    for previous in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(text) = previous.to_str() {
-            value.push_str(text.trim());
-            value.push_str(", ");
+    let mut address = StackText::<IP_TEXT_MAX>::new();
+    // Never fails: an address fits in IP_TEXT_MAX.
+    let _ = write!(address, "{client}");
+    let previous = || {
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    // Measured first so that the value is one exact-size buffer, which `Bytes` then
+    // takes over without copying or allocating its own header.
+    let len = previous().map(|text| text.len() + 2).sum::<usize>() + address.len;
+    let mut value = Vec::with_capacity(len);
+    for text in previous() {
+        value.extend_from_slice(text.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(address.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// Room for the text of any IP address: C's `INET6_ADDRSTRLEN` less its NUL.
+const IP_TEXT_MAX: usize = 45;
+
+/// Formatted text in a fixed buffer on the stack; a write that does not fit fails.
+struct StackText<const N: usize> {
+    buffer: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    fn new() -> Self {
+        StackText {
+            buffer: [0; N],
+            len: 0,
         }
     }
-    let _ = write!(value, "{client}");
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buffer[..self.len]
+    }
+}
+
+impl<const N: usize> fmt::Write for StackText<N> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let end = self.len + text.len();
+        self.buffer
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -124,14 +183,9 @@ pub fn real_client(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAdd
     if !is_trusted(peer) {
         return peer;
     }
-    let lines: Vec<Option<&str>> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(|v| v.to_str().ok())
-        .collect();
     let mut client = peer;
-    for line in lines.iter().rev() {
-        let Some(line) = line else {
+    for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(line) = line.to_str() else {
             return client;
         };
         for entry in line.rsplit(',') {
@@ -152,6 +206,24 @@ pub fn to_client(
     public_origin: Option<&str>,
     request_id: &HeaderValue,
 ) {
+    let public = public_origin.map(str::as_bytes);
+    to_client_in_pieces(
+        headers,
+        upstream_origin,
+        public.as_ref().map(std::slice::from_ref),
+        request_id,
+    );
+}
+
+/// [`to_client`], with the public origin in pieces that are written one after the
+/// other (`scheme`, `://`, the client's `Host`): the origin is then never built on its
+/// own, only as part of a header that points at the upstream.
+pub fn to_client_in_pieces(
+    headers: &mut HeaderMap,
+    upstream_origin: &str,
+    public_origin: Option<&[&[u8]]>,
+    request_id: &HeaderValue,
+) {
     strip_hop_by_hop(headers);
     if let Some(public) = public_origin {
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
@@ -168,7 +240,7 @@ fn rewrite_self_reference(
     headers: &mut HeaderMap,
     name: &HeaderName,
     upstream: &str,
-    public: &str,
+    public: &[&[u8]],
 ) {
     // Bytes, not text: a value with non-ASCII bytes in its path is still ours to fix.
     let Some(rest) = headers
@@ -178,7 +250,14 @@ fn rewrite_self_reference(
     else {
         return;
     };
-    if let Ok(v) = HeaderValue::from_bytes(&[public.as_bytes(), rest].concat()) {
+    // One exact-size buffer, taken over by `Bytes` as it is.
+    let len = public.iter().map(|piece| piece.len()).sum::<usize>() + rest.len();
+    let mut value = Vec::with_capacity(len);
+    for piece in public {
+        value.extend_from_slice(piece);
+    }
+    value.extend_from_slice(rest);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(name.clone(), v);
     }
 }
@@ -214,10 +293,19 @@ impl RequestIds {
     }
 
     fn generate(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut text = String::with_capacity(32);
-        let _ = write!(text, "{:016x}{:016x}", self.prefix, n);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        let mut text = [0u8; 32];
+        let digits = self.prefix.to_be_bytes().into_iter().chain(n.to_be_bytes());
+        for (pair, byte) in text.chunks_exact_mut(2).zip(digits) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0xf)];
+        }
+        // The array itself is the shared owner: one allocation, and the clones the id
+        // gets (upstream request, response, log) only count references, where a `Bytes`
+        // made from a `Vec` would allocate again at its first clone.
+        HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+            .unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 

@@ -33,8 +33,8 @@ use crate::body::{RequestBody, ResponseBody, UploadProgress, UpstreamStream};
 use crate::compress;
 use crate::config::{Cidr, Config, Serve, Timeouts};
 use crate::graphql;
-use crate::metrics::{Live, Stage, Tracked};
-use crate::route::{Route, RouteTable, Selection};
+use crate::metrics::{self, Live, Stage, Tracked};
+use crate::route::{decoded_path, Route, RouteTable, Selection};
 use crate::server::io::WriteStallLimit;
 use crate::static_files;
 use crate::upstream::{PooledConnection, Upstream};
@@ -122,7 +122,7 @@ impl Proxy {
         let client_ip =
             headers::real_client(&parts.headers, client.addr.ip(), &self.trusted_proxies);
         let mut exchange = Exchange::begin(self.access_log.clone(), &parts, client_ip, request_id);
-        let live = self.live.track(client_ip, &parts.method, parts.uri.path());
+        let live = self.live.track(client_ip, &parts.method, &exchange.target);
         let wants_json = error::prefers_json(&parts.headers, parts.uri.path());
         let early = match malformed {
             Some(m) => {
@@ -133,7 +133,7 @@ impl Proxy {
         };
         let mut response = match early {
             Some((name, response)) => {
-                exchange.route = Arc::from(name);
+                exchange.route = metrics::fixed_name(name);
                 response
             }
             None => {
@@ -153,7 +153,8 @@ impl Proxy {
         self.early.decorate(client.scheme, response.headers_mut());
         exchange.status = response.status().as_u16();
         live.tracked.set_stage(Stage::Streaming);
-        response.map(|body| body.logged(exchange).hold(Box::new(live)))
+        exchange.keep_listed(live);
+        response.map(|body| body.logged(exchange))
     }
 
     async fn proxy(
@@ -226,14 +227,14 @@ impl Proxy {
         parts: &Parts,
         body: &mut Incoming,
     ) -> Result<(&Route, Option<Bytes>), ProxyError> {
-        let path = parts.uri.path();
+        let path = decoded_path(parts.uri.path());
         let mut start = 0;
         let mut operations = None;
         let mut prefix = None;
         loop {
             match self
                 .routes
-                .select(start, &parts.method, path, operations.as_deref())
+                .select_decoded(start, &parts.method, &path, operations.as_deref())
             {
                 Selection::Route(index) => return Ok((self.routes.get(index), prefix)),
                 Selection::NeedsOperation(index) => {
@@ -439,16 +440,13 @@ fn respond(
             );
         }
     }
-    let self_origin = connection.endpoint().self_origin.clone();
-    let rewrites_location = head.headers.contains_key(header::LOCATION)
-        || head.headers.contains_key(header::CONTENT_LOCATION);
     let public_origin = public
-        .filter(|_| rewrites_location)
-        .and_then(|(scheme, host)| Some(format!("{scheme}://{}", host.to_str().ok()?)));
-    headers::to_client(
+        .filter(|(_, host)| host.to_str().is_ok())
+        .map(|(scheme, host)| [scheme.as_bytes(), b"://", host.as_bytes()]);
+    headers::to_client_in_pieces(
         &mut head.headers,
-        &self_origin,
-        public_origin.as_deref(),
+        &connection.endpoint().self_origin,
+        public_origin.as_ref().map(|pieces| &pieces[..]),
         &exchange.request_id,
     );
     let total = timeouts.total.0.map(|limit| (limit, exchange.started));

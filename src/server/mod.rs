@@ -301,6 +301,13 @@ impl Server {
     async fn try_reload(&mut self) -> Result<(), ServerError> {
         let config = Config::load(&self.source)?;
         let runtime = Runtime::build(&config)?;
+        if config.server.workers != self.workers.count() {
+            tracing::warn!(
+                running = self.workers.count(),
+                configured = config.server.workers,
+                "`workers` changes at the next restart, not on reload"
+            );
+        }
         let wanted = runtime.listen.clone();
         let removed: Vec<ListenerKey> = self
             .listeners

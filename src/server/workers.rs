@@ -51,6 +51,10 @@ impl Workers {
         &self.handles
     }
 
+    pub fn count(&self) -> usize {
+        self.handles.len()
+    }
+
     /// Stops every worker and waits for its thread to end.
     pub fn stop(mut self) {
         self.stops.clear();
