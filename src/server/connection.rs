@@ -264,7 +264,7 @@ async fn drive<Svc>(
     session: &mut PlainSession<Svc>,
     activity: &Activity,
     park_after: Duration,
-    may_park: bool,
+    mut may_park: bool,
     stopped: &mut watch::Receiver<Stop>,
 ) -> SessionEnd
 where
@@ -272,8 +272,12 @@ where
         + Send
         + Unpin,
 {
+    let began = activity.snapshot();
     let stopping = loop {
         let seen = activity.snapshot();
+        // A session not allowed to park at first (a head was pending) may once a
+        // request of its own has arrived.
+        may_park |= seen.started_since(&began);
         tokio::select! {
             result = poll_fn(|cx| session.poll_without_shutdown(cx)) => {
                 return SessionEnd::Closed(result);

@@ -73,6 +73,10 @@ impl ActivitySnapshot {
     pub fn exchange_under_way(&self) -> bool {
         self.started != self.finished
     }
+
+    pub fn started_since(&self, earlier: &ActivitySnapshot) -> bool {
+        self.started != earlier.started
+    }
 }
 
 impl Activity {
