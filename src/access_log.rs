@@ -23,6 +23,7 @@ use crate::config::{AccessLogFormat, AccessLogTarget, LogConfig};
 use crate::escape;
 use crate::metrics::{self, LiveGuard, RouteMetrics};
 use crate::route::Route;
+use crate::server::io::ExchangeUnderWay;
 
 /// Where access lines go.
 pub struct AccessLog {
@@ -131,6 +132,9 @@ pub struct Exchange {
     /// The request's status-page entry: listed exactly as long as this record lives,
     /// which is as long as the response body, without a box of its own.
     listed: Option<LiveGuard>,
+    /// The client connection's mark of an exchange under way: the connection may park
+    /// once this record is written (see `server::connection`).
+    under_way: Option<ExchangeUnderWay>,
 }
 
 impl Exchange {
@@ -161,7 +165,13 @@ impl Exchange {
             response_header_after: None,
             outcome: None,
             listed: None,
+            under_way: None,
         })
+    }
+
+    /// Keeps the client connection marked busy until this record is written.
+    pub fn keep_under_way(&mut self, mark: ExchangeUnderWay) {
+        self.under_way = Some(mark);
     }
 
     /// Keeps the request listed on the status page until this record is written.

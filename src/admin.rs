@@ -17,7 +17,18 @@ use crate::route::Route;
 use crate::upstream::Upstream;
 
 /// Answers one admin request from the current configuration.
-pub fn handle<B>(proxy: &Proxy, request: &Request<B>) -> Response<ResponseBody> {
+/// What the server, not the configuration, knows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerGauges {
+    /// Idle keep-alive client connections parked outside hyper.
+    pub parked_connections: usize,
+}
+
+pub fn handle<B>(
+    proxy: &Proxy,
+    server: ServerGauges,
+    request: &Request<B>,
+) -> Response<ResponseBody> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -26,7 +37,11 @@ pub fn handle<B>(proxy: &Proxy, request: &Request<B>) -> Response<ResponseBody> 
         );
     }
     match request.uri().path() {
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(proxy)),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics(proxy, server),
+        ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/status.json" => reply(StatusCode::OK, "application/json", status_json(proxy)),
         "/" => {
@@ -55,7 +70,7 @@ fn route_label(route: &Route) -> String {
 }
 
 /// The Prometheus exposition of every route, upstream and server.
-pub fn metrics(proxy: &Proxy) -> String {
+pub fn metrics(proxy: &Proxy, server: ServerGauges) -> String {
     let routes: Vec<&Route> = proxy.routes().iter().collect();
     let mut e = Exposition::new();
     let per_route = |f: &dyn Fn(&RouteMetrics) -> f64| -> Vec<(String, f64)> {
@@ -163,6 +178,12 @@ pub fn metrics(proxy: &Proxy) -> String {
         per_route(&|m| m.aborted.get() as f64),
     );
     upstream_families(&mut e, proxy.upstreams());
+    e.family(
+        "quadrige_client_connections_parked",
+        "gauge",
+        "Idle keep-alive client connections waiting on their bare socket, buffers freed.",
+        [(String::new(), server.parked_connections as f64)],
+    );
     e.finish()
 }
 

@@ -24,8 +24,7 @@ pub struct ResponseBody {
     kind: Kind,
     exchange: Option<Box<Exchange>>,
     /// Whatever must live exactly as long as the transfer: the upstream slot, the
-    /// route's and the client's places under their limits, the client connection's
-    /// mark of an exchange under way.
+    /// route's and the client's places under their limits.
     held: Vec<Box<dyn Send + Sync>>,
 }
 

@@ -35,7 +35,7 @@ use crate::config::{Cidr, Config, Serve, Timeouts};
 use crate::graphql;
 use crate::metrics::{self, Live, Stage, Tracked};
 use crate::route::{decoded_path, Route, RouteTable, Selection};
-use crate::server::io::WriteStallLimit;
+use crate::server::io::{ExchangeUnderWay, WriteStallLimit};
 use crate::static_files;
 use crate::upstream::{PooledConnection, Upstream};
 
@@ -114,6 +114,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client: &Client,
+        under_way: ExchangeUnderWay,
     ) -> Response<ResponseBody> {
         let (mut parts, body) = request.into_parts();
         let malformed = conformance::check(&parts).err();
@@ -122,6 +123,7 @@ impl Proxy {
         let client_ip =
             headers::real_client(&parts.headers, client.addr.ip(), &self.trusted_proxies);
         let mut exchange = Exchange::begin(self.access_log.clone(), &parts, client_ip, request_id);
+        exchange.keep_under_way(under_way);
         let live = self.live.track(client_ip, &parts.method, &exchange.target);
         let wants_json = error::prefers_json(&parts.headers, parts.uri.path());
         let early = match malformed {

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 
 use super::io::{Activity, ClientStream, WriteStallLimit};
 use super::{ListenerKind, Shared, Stop};
+use crate::admin::ServerGauges;
 use crate::body::ResponseBody;
 use crate::proxy::Client;
 
@@ -46,7 +48,23 @@ type PlainSession<S> = http1::Connection<TokioIo<ClientStream<TcpStream>>, S>;
 /// The future a request is served by: boxed, because hyper keeps it inline in each
 /// connection's state (an unboxed one would cost every idle connection its full size),
 /// and so `Unpin`, which lets a session be taken apart when it is parked.
-type Exchange = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+/// The service a client connection runs its requests through (see [`exchange_service`]).
+trait ClientService:
+    HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = ServiceFuture>
+    + Send
+    + Unpin
+{
+}
+
+impl<S> ClientService for S where
+    S: HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = ServiceFuture>
+        + Send
+        + Unpin
+{
+}
 
 /// Serves `stream` until the client leaves, or until shutdown lets its in-flight
 /// requests finish.
@@ -94,9 +112,7 @@ async fn serve_secure<Svc>(
     shared: Arc<Shared>,
     stopped: watch::Receiver<Stop>,
 ) where
-    Svc: HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = Exchange>
-        + Send
-        + Unpin,
+    Svc: ClientService,
 {
     let runtime = shared.runtime.load_full();
     let Some(acceptor) = runtime.tls.clone() else {
@@ -121,20 +137,17 @@ fn exchange_service(
     client: Client,
     shared: Arc<Shared>,
     activity: Arc<Activity>,
-) -> impl HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = Exchange>
-       + Send
-       + Unpin {
+) -> impl ClientService {
     let client = Arc::new(client);
-    service_fn(move |request: Request<Incoming>| -> Exchange {
+    service_fn(move |request: Request<Incoming>| -> ServiceFuture {
         let client = client.clone();
         // Each request runs under the configuration current when it arrived; a reload
         // never changes the rules of an exchange already under way.
         let runtime = shared.runtime.load_full();
+        // Marked at once, before the future first runs: the connection must not look
+        // idle between hyper parsing a head and the exchange starting.
         let under_way = activity.exchange();
-        Box::pin(async move {
-            let response = runtime.proxy.handle(request, &client).await;
-            Ok(response.map(|body| body.hold(Box::new(under_way))))
-        })
+        Box::pin(async move { Ok(runtime.proxy.handle(request, &client, under_way).await) })
     })
 }
 
@@ -158,9 +171,7 @@ async fn serve_tls<S, Svc>(
     stopped: watch::Receiver<Stop>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = Exchange>
-        + Send
-        + Unpin,
+    Svc: ClientService,
 {
     let io = TokioIo::new(io);
     let result = if h2 {
@@ -175,6 +186,22 @@ async fn serve_tls<S, Svc>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Counts a connection as parked for as long as it lives.
+struct ParkedMark<'a>(&'a AtomicUsize);
+
+impl<'a> ParkedMark<'a> {
+    fn new(parked: &'a AtomicUsize) -> ParkedMark<'a> {
+        parked.fetch_add(1, Ordering::Relaxed);
+        ParkedMark(parked)
+    }
+}
+
+impl Drop for ParkedMark<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -197,9 +224,7 @@ async fn serve_plain<Svc>(
     shared: &Shared,
     mut stopped: watch::Receiver<Stop>,
 ) where
-    Svc: HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = Exchange>
-        + Send
-        + Unpin,
+    Svc: ClientService,
 {
     let keepalive = shared.runtime.load().header_read_timeout;
     let builder = http1_builder(keepalive);
@@ -244,6 +269,7 @@ async fn serve_plain<Svc>(
         // Parked: only the socket is left. The client's keep-alive time is counted
         // from the end of its last exchange.
         let idle_left = keepalive.saturating_sub(park_after);
+        let _counted = ParkedMark::new(&shared.parked);
         let expired = tokio::select! {
             ready = stream.get_ref().readable() => match ready {
                 Ok(()) => continue,
@@ -268,9 +294,7 @@ async fn drive<Svc>(
     stopped: &mut watch::Receiver<Stop>,
 ) -> SessionEnd
 where
-    Svc: HttpService<Incoming, ResBody = ResponseBody, Error = Infallible, Future = Exchange>
-        + Send
-        + Unpin,
+    Svc: ClientService,
 {
     let began = activity.snapshot();
     let stopping = loop {
@@ -311,7 +335,10 @@ where
 async fn serve_admin(stream: TcpStream, shared: Arc<Shared>, stopped: watch::Receiver<Stop>) {
     let service = service_fn(move |request: Request<Incoming>| {
         let runtime = shared.runtime.load_full();
-        async move { Ok::<_, Infallible>(crate::admin::handle(&runtime.proxy, &request)) }
+        let server = ServerGauges {
+            parked_connections: shared.parked.load(Ordering::Relaxed),
+        };
+        async move { Ok::<_, Infallible>(crate::admin::handle(&runtime.proxy, server, &request)) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -386,6 +413,7 @@ mod tests {
         let runtime = super::super::Runtime::build(&config).unwrap();
         let shared = Arc::new(Shared {
             runtime: arc_swap::ArcSwap::from_pointee(runtime),
+            parked: Default::default(),
         });
         let (_stop, stopped) = watch::channel(Stop::Running);
         let task = serve(stream, addr, ListenerKind::Plain, shared, stopped);

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +110,8 @@ pub enum Stop {
 /// What connections share: the current configuration.
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
+    /// Client connections parked right now (see `connection`), across reloads.
+    parked: AtomicUsize,
 }
 
 /// What a listener serves.
@@ -189,6 +192,7 @@ impl Server {
         Ok(Server {
             shared: Arc::new(Shared {
                 runtime: ArcSwap::from_pointee(runtime),
+                parked: AtomicUsize::new(0),
             }),
             listeners,
             source: config.source.clone(),

@@ -437,16 +437,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
     let mut parsed = httparse::Response::new(&mut headers);
     parsed.parse(&buf).unwrap();
     let status = parsed.code.unwrap();
-    let headers: HashMap<String, String> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let headers = header_map(parsed.headers);
     let mut rest = buf[head_len..].to_vec();
     let (body, complete) = if status == 204 || status == 304 || (100..200).contains(&status) {
         (Vec::new(), true)
@@ -1077,6 +1068,19 @@ pub async fn recording_upstream(delay: Duration) -> RecordingUpstream {
     .await
 }
 
+/// A parsed head's fields, names lowercased.
+fn header_map(fields: &[httparse::Header<'_>]) -> HashMap<String, String> {
+    fields
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Every response in `bytes`, in order, and the bytes after the last complete one.
 pub fn parse_responses(mut bytes: &[u8]) -> (Vec<RawResponse>, Vec<u8>) {
     let mut found = Vec::new();
@@ -1087,16 +1091,7 @@ pub fn parse_responses(mut bytes: &[u8]) -> (Vec<RawResponse>, Vec<u8>) {
             break;
         };
         let status = parsed.code.unwrap();
-        let headers: HashMap<String, String> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let headers = header_map(parsed.headers);
         let rest = &bytes[head_len..];
         let (body, used, complete) = if status == 204 || status == 304 || status < 200 {
             (Vec::new(), 0, true)
