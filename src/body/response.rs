@@ -25,7 +25,7 @@ pub struct ResponseBody {
     exchange: Option<Box<Exchange>>,
     /// Whatever must live exactly as long as the transfer: the upstream slot, the
     /// route's and the client's places under their limits.
-    held: Vec<Box<dyn Send + Sync>>,
+    held: Option<Box<dyn Send + Sync>>,
 }
 
 enum Kind {
@@ -43,7 +43,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             exchange: None,
-            held: Vec::new(),
+            held: None,
         }
     }
 
@@ -51,7 +51,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(Box::new(stream)),
             exchange: None,
-            held: Vec::new(),
+            held: None,
         }
     }
 
@@ -59,7 +59,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::File(Box::new(stream)),
             exchange: None,
-            held: Vec::new(),
+            held: None,
         }
     }
 
@@ -69,13 +69,15 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Compressed(Box::new(Compressed::new(self, coding))),
             exchange,
-            held: Vec::new(),
+            held: None,
         }
     }
 
-    /// Keeps `guard` alive until this body is done or dropped.
+    /// Keeps `guard` alive until this body is done or dropped. One guard per body (a
+    /// tuple for several): a list would cost every proxied response an allocation.
     pub fn hold(mut self, guard: Box<dyn Send + Sync>) -> ResponseBody {
-        self.held.push(guard);
+        debug_assert!(self.held.is_none(), "a body holds one guard");
+        self.held = Some(guard);
         self
     }
 
