@@ -6,7 +6,8 @@
 //!    the slowloris guard.
 //! 2. [`proxy`] runs the phases: **route** ([`route`], with the [`graphql`] peek when a
 //!    route needs the operation name) → **admit** (body limits) → **forward** (an
-//!    [`upstream`] pooled connection, under the connect, upload-idle and
+//!    [`upstream`] pooled connection, which the request's own task drives: it writes the
+//!    head and body, and reads the response, under the connect, upload-idle and
 //!    response-header timers) → **respond** (headers rewritten, body streamed).
 //!    Static routes skip forwarding: [`static_files`] answers from disk. Either answer
 //!    may then be compressed on the fly by [`compress`].

@@ -578,3 +578,55 @@ async fn many_clients_leaving_in_every_phase_leak_nothing() {
     }
     bench.assert_recovered("sixty clients leaving").await;
 }
+
+const KEEP_ALIVE_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+const ONE_UPSTREAM: &str =
+    "[upstreams.gn]\naddress = \"{upstream}\"\nkeepalive_timeout = \"30s\"\n";
+
+/// An upstream that answers the first request of each connection, reads the second,
+/// waits `after` and closes without answering it.
+async fn closing_on_second_request(after: Duration) -> RunningUpstream {
+    raw_upstream(vec![
+        Step::Write(KEEP_ALIVE_OK),
+        Step::ReadHead,
+        Step::Sleep(after),
+    ])
+    .await
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_at_once_under_a_get_is_retried_on_a_new_one() {
+    let upstream = closing_on_second_request(Duration::ZERO).await;
+    let proxy = TestProxy::start(ONE_UPSTREAM, upstream.addr).await;
+    assert_eq!(fetch(proxy.addr, "/geonature/api/a").await.status, 200);
+    let second = fetch(proxy.addr, "/geonature/api/b").await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_post_is_never_retried() {
+    let upstream = closing_on_second_request(Duration::ZERO).await;
+    let proxy = TestProxy::start(ONE_UPSTREAM, upstream.addr).await;
+    assert_eq!(fetch(proxy.addr, "/geonature/api/a").await.status, 200);
+    let response = within(
+        Duration::from_secs(5),
+        "the POST",
+        post(proxy.addr, "/geonature/api/b", "", b""),
+    )
+    .await;
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_get_the_upstream_worked_on_before_closing_is_never_sent_twice() {
+    // As when Gunicorn kills a worker at its --timeout: the request ran, so running it
+    // again would double the work and the wait.
+    let upstream = closing_on_second_request(Duration::from_millis(1300)).await;
+    let proxy = TestProxy::start(ONE_UPSTREAM, upstream.addr).await;
+    assert_eq!(fetch(proxy.addr, "/geonature/api/a").await.status, 200);
+    let response = fetch(proxy.addr, "/geonature/api/b").await;
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 1);
+}

@@ -36,7 +36,7 @@ pub enum BodyError {
     #[error("the client stopped sending its request body: {0}")]
     ClientAborted(hyper::Error),
     #[error("the upstream's response body failed: {0}")]
-    UpstreamAborted(hyper::Error),
+    UpstreamAborted(crate::upstream::WireError),
     #[error("the upstream sent nothing for {0:?} (idle timer)")]
     UpstreamIdle(Duration),
     #[error("the exchange passed its total limit of {0:?}")]

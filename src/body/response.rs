@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::{BodyError, FileStream};
 use crate::access_log::Exchange;
 use crate::compress::Compressed;
 use crate::config::Compression;
-use crate::upstream::PooledConnection;
+use crate::upstream::{Framing, Pace, PooledConnection, WireError};
 
 /// What the client receives: a short generated body, the upstream's stream or a file,
 /// possibly compressed on the way. It carries the exchange's log record, written when
@@ -138,7 +137,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(stream) => stream.inner.is_end_stream(),
+            Kind::Upstream(stream) => stream.framing.is_end(),
             Kind::File(file) => file.remaining() == 0,
             Kind::Compressed(body) => body.is_end_stream(),
         }
@@ -147,7 +146,10 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream(stream) => stream.inner.size_hint(),
+            Kind::Upstream(stream) => match stream.framing.remaining() {
+                Some(exact) => SizeHint::with_exact(exact),
+                None => SizeHint::default(),
+            },
             Kind::File(file) => SizeHint::with_exact(file.remaining()),
             Kind::Compressed(body) => body.size_hint(),
         }
@@ -160,9 +162,13 @@ impl Body for ResponseBody {
 /// slow client to take the bytes is the client connection's concern (its write stall
 /// guard), not upstream silence.
 pub struct UpstreamStream {
-    inner: Incoming,
-    /// Returned to the pool at the end of the body; aborted if the body is dropped early.
+    framing: Framing,
+    pace: Pace,
+    /// The body is read from it; returned to the pool at the end of the body, closed if
+    /// the body is dropped early.
     connection: Option<PooledConnection>,
+    /// A failure noticed right after passing bytes on, reported on the next poll.
+    failed: Option<WireError>,
     idle: Option<Duration>,
     idle_timer: Option<Pin<Box<Sleep>>>,
     idle_armed: bool,
@@ -172,21 +178,23 @@ pub struct UpstreamStream {
 impl UpstreamStream {
     /// `total` is the route's total limit with the instant the exchange began.
     pub fn new(
-        inner: Incoming,
+        framing: Framing,
         connection: PooledConnection,
         idle: Option<Duration>,
         total: Option<(Duration, Instant)>,
     ) -> UpstreamStream {
         let mut stream = UpstreamStream {
-            inner,
+            framing,
+            pace: Pace::default(),
             connection: Some(connection),
+            failed: None,
             idle,
             idle_timer: None,
             idle_armed: false,
             total: total
                 .map(|(limit, began)| (limit, Box::pin(tokio::time::sleep_until(began + limit)))),
         };
-        if stream.inner.is_end_stream() {
+        if stream.framing.is_end() {
             stream.release_connection();
         }
         stream
@@ -205,30 +213,40 @@ impl UpstreamStream {
                 return self.fail(BodyError::TotalElapsed(limit));
             }
         }
-        loop {
-            return match Pin::new(&mut self.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        self.idle_armed = false;
-                        // hyper stops polling once `is_end_stream` is true (the last
-                        // frame of a Content-Length body), so the end is noticed here,
-                        // not on a poll that never comes; dropped unreleased, the
-                        // connection would be aborted instead of pooled.
-                        if self.inner.is_end_stream() {
-                            self.release_connection();
-                        }
-                        Poll::Ready(Some(Ok(Frame::data(data))))
-                    }
-                    // Upstream trailers are dropped: clients of an HTTP/1.1 proxy did not ask for them.
-                    Err(_) => continue,
-                },
-                Poll::Ready(Some(Err(e))) => self.fail(BodyError::UpstreamAborted(e)),
-                Poll::Ready(None) => {
+        if let Some(error) = self.failed.take() {
+            return self.fail(BodyError::UpstreamAborted(error));
+        }
+        let Some(connection) = self.connection.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match connection
+            .conn()
+            .poll_body(cx, &mut self.framing, &mut self.pace)
+        {
+            Poll::Ready(Some(Ok(data))) => {
+                self.idle_armed = false;
+                // hyper stops polling once `is_end_stream` is true (the last frame of a
+                // Content-Length body), so the end is noticed here, not on a poll that
+                // never comes; dropped unreleased, the connection would be closed
+                // instead of pooled.
+                if self.framing.is_end() {
                     self.release_connection();
-                    Poll::Ready(None)
                 }
-                Poll::Pending => self.poll_idle(cx),
-            };
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // hyper drops what it has queued for the client when a body fails, and
+                // it polls again before writing: the bytes already passed on go out
+                // first, the failure on the next poll.
+                self.failed = Some(e);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(None) => {
+                self.release_connection();
+                Poll::Ready(None)
+            }
+            Poll::Pending => self.poll_idle(cx),
         }
     }
 
@@ -255,7 +273,7 @@ impl UpstreamStream {
     }
 
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        // Dropping the connection aborts it: a half-read response is never reused.
+        // Dropping the connection closes it: a half-read response is never reused.
         self.connection = None;
         self.total = None;
         self.idle = None;

@@ -1,26 +1,27 @@
 //! The forward phase: a slot on a server, a connection, the request sent, and the wait
 //! for the response head under the route's timers.
 //!
-//! Retries only when safe: when no connection could be made, or hyper handed the request
-//! back unsent (a pooled connection closed under us), the request goes to the next
-//! healthy server; once bytes were sent, only an idempotent request without a body is
-//! sent again, to another server, and never a POST. Timeouts are never retried: the
-//! request may still be running upstream.
+//! Retries only when safe: when no connection could be made, or a pooled connection
+//! turned out closed under us before anything came back or was taken from the client,
+//! the request goes again; once the upstream may have seen it, only an idempotent
+//! request without a body is sent again, to another server, and never a POST. Timeouts
+//! are never retried: the request may still be running upstream.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
+use http::{header, Method, Request, Response};
+use http_body::Body as _;
 use tokio::time::Instant;
 
 use super::{ProxyError, TimerKind};
 use crate::body::{BodyError, RequestBody, UploadProgress};
 use crate::config::Timeouts;
 use crate::metrics::{Stage, Tracked};
-use crate::upstream::{ConnectError, Endpoint, PooledConnection, Slot, Upstream};
+use crate::upstream::{
+    ConnectError, Endpoint, Framing, PooledConnection, SendError, Slot, Upstream, WireError,
+};
 
 /// What the forward phase needs to know about the exchange.
 pub(super) struct Forward<'a> {
@@ -30,35 +31,14 @@ pub(super) struct Forward<'a> {
     pub tracked: &'a Tracked,
 }
 
-/// The head of a request that may be sent again (idempotent, no body).
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: http::HeaderMap,
-}
-
-impl Replay {
-    fn of(request: &Request<RequestBody>, servers: usize) -> Option<Replay> {
-        use http_body::Body as _;
-        let idempotent = matches!(
-            *request.method(),
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        );
-        (servers > 1 && idempotent && request.body().is_end_stream()).then(|| Replay {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            headers: request.headers().clone(),
-        })
-    }
-
-    fn request(&self) -> Request<RequestBody> {
-        let mut request = Request::new(RequestBody::empty());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = self.headers.clone();
-        request
-    }
+/// Whether `request` may go to another server after a failure the upstream may have
+/// seen: idempotent, and no body (a body cannot be read from the client twice).
+fn replayable(request: &Request<RequestBody>, servers: usize) -> bool {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    servers > 1 && idempotent && request.body().is_end_stream()
 }
 
 impl Forward<'_> {
@@ -67,14 +47,14 @@ impl Forward<'_> {
     pub async fn run(
         &self,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, PooledConnection, Slot), ProxyError> {
+    ) -> Result<(Response<Framing>, PooledConnection, Slot), ProxyError> {
         let timers = HeadTimers {
             timeouts: self.timeouts,
             total_deadline: self.timeouts.total.0.map(|t| self.started + t),
             progress: request.body().progress(),
         };
         let servers = self.upstream.servers().len();
-        let replay = Replay::of(&request, servers);
+        let replayable = replayable(&request, servers);
         let mut fresh_connection = false;
         let mut failure = ProxyError::UpstreamClosed;
         for _attempt in 0..=servers {
@@ -97,8 +77,8 @@ impl Forward<'_> {
                 Err(error) => return Err(error),
             };
             self.tracked.set_stage(Stage::WaitingForUpstream);
-            let sending = connection.sender().try_send_request(request);
-            let failed = match timers.await_head(sending, Instant::now()).await {
+            let sending = connection.send(&mut request);
+            let error = match timers.await_head(sending, Instant::now()).await {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     slot.server.responses[usize::from(status / 100).clamp(1, 5) - 1].inc();
@@ -108,20 +88,18 @@ impl Forward<'_> {
                     return Ok((response, connection, slot));
                 }
                 Err(HeadError::Failed(failure)) => return Err(failure),
-                Err(HeadError::Send(failed)) => failed,
-            };
-            let mut failed = *failed;
-            if let Some(unsent) = failed.take_message() {
-                // Provably never reached the upstream: send it again, on a new connection.
-                request = unsent;
-                fresh_connection = connection.reused;
-                if !connection.reused {
-                    slot.server_failed();
+                Err(HeadError::Send(SendError::RequestBody(error))) => {
+                    return Err(body_failure(error))
                 }
-                self.upstream.metrics.retries.inc();
-                continue;
-            }
-            failure = classify(failed.into_error());
+                Err(HeadError::Send(SendError::Upstream { unsent: true, .. })) => {
+                    // A pooled connection closed under us: send it again, on a new one.
+                    fresh_connection = true;
+                    self.upstream.metrics.retries.inc();
+                    continue;
+                }
+                Err(HeadError::Send(SendError::Upstream { error, .. })) => error,
+            };
+            failure = classify(error);
             if !matches!(
                 failure,
                 ProxyError::UpstreamClosed | ProxyError::UpstreamIo(_)
@@ -131,13 +109,10 @@ impl Forward<'_> {
             self.count_failure(&failure);
             slot.server_failed();
             self.diagnose_worker_kill("dropped the connection without a response");
-            match &replay {
-                Some(replay) => {
-                    request = replay.request();
-                    self.upstream.metrics.retries.inc();
-                }
-                None => return Err(failure),
+            if !replayable {
+                return Err(failure);
             }
+            self.upstream.metrics.retries.inc();
         }
         Err(failure)
     }
@@ -182,8 +157,9 @@ pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, what:
 }
 
 enum HeadError {
-    /// hyper could not complete the exchange; it may hand the request back.
-    Send(Box<TrySendError<Request<RequestBody>>>),
+    /// The exchange failed on the connection or in the client's body.
+    Send(SendError),
+    /// A timer fired.
     Failed(ProxyError),
 }
 
@@ -247,9 +223,9 @@ impl HeadTimers {
         &self,
         sending: F,
         sent_at: Instant,
-    ) -> Result<Response<Incoming>, HeadError>
+    ) -> Result<Response<Framing>, HeadError>
     where
-        F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+        F: Future<Output = Result<Response<Framing>, SendError>>,
     {
         tokio::pin!(sending);
         loop {
@@ -258,7 +234,7 @@ impl HeadTimers {
             let sleep_until = next.map_or_else(far_future, |(at, _)| at);
             tokio::select! {
                 biased;
-                result = &mut sending => return result.map_err(|e| HeadError::Send(Box::new(e))),
+                result = &mut sending => return result.map_err(HeadError::Send),
                 _ = wait_upload_end(uploading), if uploading.is_some() => continue,
                 _ = tokio::time::sleep_until(sleep_until) => {
                     if let Some((at, timer)) = self.next_deadline(sent_at) {
@@ -339,25 +315,19 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(100 * 365 * 86_400)
 }
 
-/// Maps hyper's failure to what the client is told.
-fn classify(error: hyper::Error) -> ProxyError {
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        if let Some(body) = cause.downcast_ref::<BodyError>() {
-            return match body {
-                BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
-                _ => ProxyError::ClientAborted,
-            };
-        }
-        source = cause.source();
+/// What the client is told when its own body failed on the way up.
+fn body_failure(error: BodyError) -> ProxyError {
+    match error {
+        BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
+        _ => ProxyError::ClientAborted,
     }
-    if error.is_incomplete_message() || error.is_canceled() {
-        ProxyError::UpstreamClosed
-    } else if error.is_parse() || error.is_parse_status() {
-        ProxyError::InvalidResponse(error.to_string())
-    } else {
-        let detail =
-            std::error::Error::source(&error).map_or_else(String::new, |s| format!(": {s}"));
-        ProxyError::UpstreamIo(format!("{error}{detail}"))
+}
+
+/// What the client is told when the upstream failed before a usable head.
+fn classify(error: WireError) -> ProxyError {
+    match error {
+        WireError::Closed => ProxyError::UpstreamClosed,
+        WireError::Malformed(malformed) => ProxyError::InvalidResponse(malformed.to_string()),
+        WireError::Io(e) => ProxyError::UpstreamIo(e.to_string()),
     }
 }

@@ -37,7 +37,7 @@ use crate::metrics::{self, Live, Stage, Tracked};
 use crate::route::{decoded_path, Route, RouteTable, Selection};
 use crate::server::io::{ExchangeUnderWay, WriteStallLimit};
 use crate::static_files;
-use crate::upstream::{PooledConnection, Upstream};
+use crate::upstream::{Framing, PooledConnection, Upstream};
 
 use error::ErrorContext;
 pub use error::{ProxyError, TimerKind};
@@ -423,14 +423,14 @@ fn admit_body(
 
 /// Phase 4: the upstream's head, cleaned for the client, with a timed streaming body.
 fn respond(
-    response: Response<Incoming>,
+    response: Response<Framing>,
     mut connection: PooledConnection,
     timeouts: Timeouts,
     exchange: &Exchange,
     upstream: &Upstream,
     public: Option<(&str, &HeaderValue)>,
 ) -> Response<ResponseBody> {
-    let (mut head, incoming) = response.into_parts();
+    let (mut head, framing) = response.into_parts();
     if headers::wants_close(&head.headers) {
         connection.forbid_reuse();
         if head.status == http::StatusCode::INTERNAL_SERVER_ERROR {
@@ -452,7 +452,7 @@ fn respond(
         &exchange.request_id,
     );
     let total = timeouts.total.0.map(|limit| (limit, exchange.started));
-    let stream = UpstreamStream::new(incoming, connection, timeouts.idle.0, total);
+    let stream = UpstreamStream::new(framing, connection, timeouts.idle.0, total);
     Response::from_parts(head, ResponseBody::upstream(stream))
 }
 

@@ -111,14 +111,14 @@ async fn probe(endpoint: &Arc<Endpoint>, path: &str) -> bool {
     let Ok(mut connection) = endpoint.connect(None).await else {
         return false;
     };
-    let Ok(request) = Request::get(path)
+    let Ok(mut request) = Request::get(path)
         .header(header::HOST, endpoint.host_header.clone())
         .header(header::USER_AGENT, "quadrige-proxy-health-check")
         .body(RequestBody::empty())
     else {
         return false;
     };
-    match connection.sender().send_request(request).await {
+    match connection.send(&mut request).await {
         Ok(response) => response.status().is_success() || response.status().is_redirection(),
         Err(_) => false,
     }

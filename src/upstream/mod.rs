@@ -8,6 +8,8 @@
 //! body is done and released on every path (end, error, timeout, client gone), since it
 //! is released when dropped.
 
+mod codec;
+mod conn;
 mod health;
 mod pool;
 
@@ -20,6 +22,8 @@ use tokio::sync::oneshot;
 
 use crate::config::{Balance, UpstreamConfig};
 use crate::metrics::UpstreamMetrics;
+pub use codec::{Framing, Malformed};
+pub use conn::{Pace, SendError, WireError};
 pub use pool::{ConnectError, Endpoint, PooledConnection};
 
 /// Why a request could not be given a server.

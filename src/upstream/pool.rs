@@ -1,23 +1,21 @@
 //! Connections to one server and their keep-alive pool.
 //!
-//! Each pooled connection is an HTTP/1.1 hyper client connection whose I/O task runs on
-//! its own. A connection goes back to the pool only after its response body was read to
-//! the end; one dropped half-way (client gone, timer fired) is aborted so the upstream
-//! sees the cancellation and no half-read response is ever reused. Idle connections
-//! expire before the upstream's own keep-alive does, so we never race its close.
+//! A connection is driven by the exchange that holds it (see [`super::conn`]). It goes
+//! back to the pool only after its response body was read to the end with nothing left
+//! over; one dropped half-way (client gone, timer fired) is closed, so the upstream sees
+//! the cancellation and no half-read response is ever reused. Idle connections expire
+//! before the upstream's own keep-alive does, so we rarely race its close, and one the
+//! upstream closed anyway is noticed when taken from the pool.
 
 use std::io;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use http::HeaderValue;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UnixStream};
-use tokio::task::AbortHandle;
+use http::{HeaderValue, Request, Response};
 
+use super::codec::Framing;
+use super::conn::{Conn, SendError};
 use super::health::Health;
 use crate::body::RequestBody;
 use crate::config::{UpstreamAddress, UpstreamConfig};
@@ -31,17 +29,12 @@ pub enum ConnectError {
     Io(#[from] io::Error),
     #[error("no connection within {0:?}")]
     Timeout(Duration),
-    #[error("HTTP handshake failed: {0}")]
-    Handshake(hyper::Error),
 }
 
-type Sender = http1::SendRequest<RequestBody>;
-
 struct IdleConnection {
-    sender: Sender,
-    task: AbortHandle,
+    conn: Conn,
     since: Instant,
-    /// The worker thread whose runtime drives the connection's I/O.
+    /// The worker thread whose reactor the socket is registered with.
     worker: Option<usize>,
 }
 
@@ -106,18 +99,16 @@ impl Endpoint {
         while let Some(i) =
             (idle.iter().rposition(|c| c.worker == worker)).or_else(|| idle.len().checked_sub(1))
         {
-            let conn = idle.remove(i);
-            if conn.sender.is_ready() {
+            let idle = idle.remove(i);
+            if idle.conn.is_alive() {
                 return Some(PooledConnection {
-                    sender: Some(conn.sender),
-                    task: conn.task,
-                    worker: conn.worker,
+                    conn: idle.conn,
+                    worker: idle.worker,
                     endpoint: self.clone(),
                     reused: true,
                     reusable: true,
                 });
             }
-            conn.task.abort();
         }
         None
     }
@@ -125,9 +116,7 @@ impl Endpoint {
     /// Drops the connections idle for `keepalive_timeout` or longer.
     fn expire(&self, idle: &mut Vec<IdleConnection>, now: Instant) {
         let stale = idle.partition_point(|c| now.duration_since(c.since) >= self.keepalive_timeout);
-        for conn in idle.drain(..stale) {
-            conn.task.abort();
-        }
+        idle.drain(..stale);
     }
 
     /// A new connection, bypassing the pool.
@@ -135,16 +124,15 @@ impl Endpoint {
         self: &Arc<Self>,
         timeout: Option<Duration>,
     ) -> Result<PooledConnection, ConnectError> {
-        let connecting = self.open();
-        let (sender, task) = match timeout {
+        let connecting = Conn::open(&self.address);
+        let conn = match timeout {
             Some(limit) => tokio::time::timeout(limit, connecting)
                 .await
                 .map_err(|_| ConnectError::Timeout(limit))??,
             None => connecting.await?,
         };
         Ok(PooledConnection {
-            sender: Some(sender),
-            task,
+            conn,
             worker: workers::current(),
             endpoint: self.clone(),
             reused: false,
@@ -152,30 +140,16 @@ impl Endpoint {
         })
     }
 
-    async fn open(&self) -> Result<(Sender, AbortHandle), ConnectError> {
-        match &self.address {
-            UpstreamAddress::Tcp { authority } => {
-                let stream = TcpStream::connect(authority.as_str()).await?;
-                stream.set_nodelay(true)?;
-                handshake(stream).await
-            }
-            UpstreamAddress::Unix(path) => handshake(UnixStream::connect(path).await?).await,
-        }
-    }
-
-    fn put_back(&self, sender: Sender, task: AbortHandle, worker: Option<usize>) {
+    fn put_back(&self, conn: Conn, worker: Option<usize>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         self.expire(&mut idle, now);
         if idle.len() < self.max_idle {
             idle.push(IdleConnection {
-                sender,
-                task,
+                conn,
                 since: now,
                 worker,
             });
-        } else {
-            task.abort();
         }
     }
 
@@ -185,32 +159,10 @@ impl Endpoint {
     }
 }
 
-async fn handshake<S>(stream: S) -> Result<(Sender, AbortHandle), ConnectError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::Builder::new()
-        // Small buffers: backpressure reaches the upstream sooner, memory stays per-stream small.
-        .max_buf_size(16 * 1024)
-        // The buffer size alone is a soft bound on a response head (hyper let a 100 KiB
-        // one through a 64 KiB buffer); a larger head is a 502.
-        .max_header_size(16 * 1024)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok((sender, task.abort_handle()))
-}
-
-/// A connection checked out for one exchange. Dropping it aborts the connection unless
+/// A connection checked out for one exchange. Dropping it closes the connection unless
 /// [`PooledConnection::release`] handed it back after a complete response.
 pub struct PooledConnection {
-    sender: Option<Sender>,
-    task: AbortHandle,
+    conn: Conn,
     worker: Option<usize>,
     endpoint: Arc<Endpoint>,
     /// Whether it came from the pool (a failure to send on it may be a stale close).
@@ -219,10 +171,17 @@ pub struct PooledConnection {
 }
 
 impl PooledConnection {
-    pub fn sender(&mut self) -> &mut Sender {
-        self.sender
-            .as_mut()
-            .expect("a pooled connection holds its sender until released")
+    /// Sends `request` and reads the response head; see [`Conn::send`].
+    pub async fn send(
+        &mut self,
+        request: &mut Request<RequestBody>,
+    ) -> Result<Response<Framing>, SendError> {
+        self.conn.send(request, self.reused).await
+    }
+
+    /// The connection the response body is read from.
+    pub fn conn(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 
     /// The server this connection goes to.
@@ -235,39 +194,11 @@ impl PooledConnection {
         self.reusable = false;
     }
 
-    /// Returns the connection to the pool once hyper says it can take a new request.
-    pub fn release(mut self) {
-        let Some(mut sender) = self.sender.take() else {
-            return;
-        };
-        if !self.reusable || sender.is_closed() {
-            self.task.abort();
-            return;
-        }
-        let endpoint = self.endpoint.clone();
-        let (task, worker) = (self.task.clone(), self.worker);
-        // Usually ready at once; otherwise wait briefly off the request path.
-        let mut cx = Context::from_waker(Waker::noop());
-        match sender.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => endpoint.put_back(sender, task, worker),
-            Poll::Ready(Err(_)) => task.abort(),
-            Poll::Pending => {
-                let limit = endpoint.keepalive_timeout;
-                tokio::spawn(async move {
-                    match tokio::time::timeout(limit, sender.ready()).await {
-                        Ok(Ok(())) => endpoint.put_back(sender, task, worker),
-                        _ => task.abort(),
-                    }
-                });
-            }
-        }
-    }
-}
-
-impl Drop for PooledConnection {
-    fn drop(&mut self) {
-        if self.sender.is_some() {
-            self.task.abort();
+    /// Returns the connection to the pool if its exchange ended cleanly; closes it
+    /// otherwise.
+    pub fn release(self) {
+        if self.reusable && self.conn.is_reusable() {
+            self.endpoint.put_back(self.conn, self.worker);
         }
     }
 }

@@ -261,6 +261,8 @@ pub enum Step {
     Stall,
     /// Close with an RST instead of a FIN.
     Reset,
+    /// Read the next request head on the same connection.
+    ReadHead,
 }
 
 pub async fn raw_upstream(script: Vec<Step>) -> RunningUpstream {
@@ -286,6 +288,11 @@ pub async fn raw_upstream(script: Vec<Step>) -> RunningUpstream {
                         }
                         Step::Sleep(d) => tokio::time::sleep(d).await,
                         Step::Stall => std::future::pending::<()>().await,
+                        Step::ReadHead => {
+                            if read_head(&mut stream).await.is_err() {
+                                return;
+                            }
+                        }
                         Step::Reset => {
                             // SO_LINGER 0 makes close send RST; it does not block then.
                             #[allow(deprecated)]
@@ -1280,6 +1287,12 @@ pub async fn scripted_upstream(script: Vec<Step>) -> RecordingUpstream {
                         }
                     }
                     Step::Sleep(d) => tokio::time::sleep(d).await,
+                    Step::ReadHead => match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            wire.connections.lock().unwrap()[index].extend_from_slice(&chunk[..n])
+                        }
+                    },
                     Step::Stall => loop {
                         match stream.read(&mut chunk).await {
                             Ok(0) | Err(_) => {
