@@ -6,6 +6,8 @@
 //! transfer coding, a stray upgrade) is refused or closes the connection after use, so a
 //! confused upstream can never make one response bleed into the next.
 
+use std::mem::MaybeUninit;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -127,10 +129,14 @@ pub struct Head {
 /// Parses the response head at the front of `buf`, taking it out when complete; interim
 /// 1xx responses before it are dropped. `Ok(None)`: more bytes are needed.
 pub fn take_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Malformed> {
-    loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let len = match parsed.parse(buf) {
+    while !buf.is_empty() {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut slots,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                 return Err(Malformed::HeadTooLarge)
@@ -162,6 +168,7 @@ pub fn take_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Ma
         let headers = header_map(&head, &spans[..count])?;
         return Ok(Some(head_of(status, version, headers, method)?));
     }
+    Ok(None)
 }
 
 fn parse_error(error: httparse::Error) -> &'static str {
@@ -177,14 +184,19 @@ fn parse_error(error: httparse::Error) -> &'static str {
 }
 
 /// Where each header's name and value sit in the buffer, so the values can share the
-/// head's bytes instead of being copied one by one.
-type Span = (usize, usize, usize, usize);
+/// head's bytes instead of being copied one by one (offsets below `MAX_HEAD`).
+type Span = (u16, u16, u16, u16);
 
 fn header_spans(base: *const u8, headers: &[httparse::Header<'_>], spans: &mut [Span]) -> usize {
-    let offset = |s: &[u8]| s.as_ptr() as usize - base as usize;
+    let offset = |s: &[u8]| (s.as_ptr() as usize - base as usize) as u16;
     for (h, span) in headers.iter().zip(spans.iter_mut()) {
         let (name, value) = (offset(h.name.as_bytes()), offset(h.value));
-        *span = (name, name + h.name.len(), value, value + h.value.len());
+        *span = (
+            name,
+            name + h.name.len() as u16,
+            value,
+            value + h.value.len() as u16,
+        );
     }
     headers.len().min(spans.len())
 }
@@ -192,6 +204,8 @@ fn header_spans(base: *const u8, headers: &[httparse::Header<'_>], spans: &mut [
 fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Malformed> {
     let mut headers = HeaderMap::with_capacity(spans.len());
     for &(name_start, name_end, value_start, value_end) in spans {
+        let (name_start, name_end) = (usize::from(name_start), usize::from(name_end));
+        let (value_start, value_end) = (usize::from(value_start), usize::from(value_end));
         let name = HeaderName::from_bytes(&head[name_start..name_end])
             .map_err(|_| Malformed::Head("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
+use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
 use super::codec::{self, Framing, Head, Malformed, Step};
@@ -336,7 +337,7 @@ impl Conn {
     /// Reads what is there without waiting; a complete head is returned.
     fn read_early(&mut self, method: &Method) -> Result<Option<Head>, Failure> {
         self.buf.reserve(HEAD_READ);
-        match on_io!(&self.io, s => s.try_read_buf(&mut self.buf)) {
+        match self.read_some() {
             Ok(0) => Err(WireError::Closed.into()),
             Ok(_) => {
                 self.received = true;
@@ -423,10 +424,34 @@ impl Conn {
         }
         loop {
             ready!(on_io!(&self.io, s => s.poll_read_ready(cx)))?;
-            match on_io!(&self.io, s => s.try_read_buf(&mut self.buf)) {
+            match self.read_some() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 read => return Poll::Ready(read),
             }
+        }
+    }
+
+    /// One read into the buffer's free room. A read that did not fill it drained the
+    /// socket, so the readiness is dropped there, as nginx does: the next read then
+    /// waits for the reactor instead of costing a system call that says `EAGAIN` (one
+    /// per request, since we always read for the answer just after asking). Bytes that
+    /// arrive later raise a new edge, and a reactor that saw one meanwhile keeps it.
+    fn read_some(&mut self) -> io::Result<usize> {
+        let room = self.buf.capacity() - self.buf.len();
+        let (io, buf) = (&self.io, &mut self.buf);
+        let mut got = None;
+        let read = on_io!(io, s => s.try_io(Interest::READABLE, || {
+            let n = s.try_read_buf(buf)?;
+            got = Some(n);
+            if n > 0 && n < room {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        }));
+        match (read, got) {
+            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+            (read, _) => read,
         }
     }
 }
