@@ -9,6 +9,7 @@
 use std::future::poll_fn;
 use std::io::{self, IoSlice, Write as _};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -336,7 +337,7 @@ impl Conn {
 
     /// Reads what is there without waiting; a complete head is returned.
     fn read_early(&mut self, method: &Method) -> Result<Option<Head>, Failure> {
-        self.buf.reserve(HEAD_READ);
+        self.make_room(HEAD_READ);
         match self.read_some() {
             Ok(0) => Err(WireError::Closed.into()),
             Ok(_) => {
@@ -414,14 +415,9 @@ impl Conn {
         self.clean = self.keep_alive && self.buf.is_empty();
     }
 
-    /// Reads into the buffer, `want` bytes of room at least. An empty buffer larger
-    /// than needed is given back first, so a slow stream does not keep a fast one's.
+    /// Reads into the buffer, `want` bytes of room at least.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        if self.buf.is_empty() && self.buf.capacity() > 2 * want {
-            self.buf = BytesMut::with_capacity(want);
-        } else if self.buf.capacity() - self.buf.len() < want {
-            self.buf.reserve(want);
-        }
+        self.make_room(want);
         loop {
             ready!(on_io!(&self.io, s => s.poll_read_ready(cx)))?;
             match self.read_some() {
@@ -429,6 +425,25 @@ impl Conn {
                 read => return Poll::Ready(read),
             }
         }
+    }
+
+    /// Room for `want` more bytes: the block in use when nothing else holds it, or a new
+    /// one of exactly that size (the bytes not yet passed on are moved over). Never
+    /// `BytesMut::reserve`, which doubles a block it grows, nor a block more than twice
+    /// the size needed, so a slow stream does not keep a fast one's.
+    fn make_room(&mut self, want: usize) {
+        let len = self.buf.len();
+        if self.buf.capacity() - len < want {
+            // Whether it worked is checked below, with the size.
+            let _ = self.buf.try_reclaim(want);
+        }
+        let capacity = self.buf.capacity();
+        if capacity - len >= want && capacity <= 2 * (len + want) {
+            return;
+        }
+        let mut block = BytesMut::with_capacity(len + want);
+        block.extend_from_slice(&self.buf);
+        self.buf = block;
     }
 
     /// One read into the buffer's free room. A read that did not fill it drained the
@@ -491,6 +506,12 @@ pub struct Pace {
     bytes: usize,
 }
 
+/// Read size above the minimum that all response bodies together may hold. Large reads
+/// speed up a fast download; but every client looks fast while the kernel's buffers
+/// between us fill, so a crowd of slow readers starting together would all take them.
+const LARGE_READ_BUDGET: usize = 1 << 20;
+static LARGE_READS: AtomicUsize = AtomicUsize::new(0);
+
 impl Default for Pace {
     fn default() -> Pace {
         Pace {
@@ -498,6 +519,12 @@ impl Default for Pace {
             since: None,
             bytes: 0,
         }
+    }
+}
+
+impl Drop for Pace {
+    fn drop(&mut self) {
+        LARGE_READS.fetch_sub(self.size - MIN_READ, Ordering::Relaxed);
     }
 }
 
@@ -516,12 +543,26 @@ impl Pace {
         let now = Instant::now();
         let took = now.duration_since(since);
         if took <= Self::FAST {
-            self.size = (self.size * 2).min(MAX_READ);
+            self.resize((self.size * 2).min(MAX_READ));
         } else if took >= Self::SLOW {
-            self.size = MIN_READ;
+            self.resize(MIN_READ);
         }
         self.since = Some(now);
         self.bytes = 0;
+    }
+
+    /// Growing takes from the shared budget, and is skipped when it is spent.
+    fn resize(&mut self, size: usize) {
+        if size > self.size {
+            let extra = size - self.size;
+            if LARGE_READS.fetch_add(extra, Ordering::Relaxed) + extra > LARGE_READ_BUDGET {
+                LARGE_READS.fetch_sub(extra, Ordering::Relaxed);
+                return;
+            }
+        } else {
+            LARGE_READS.fetch_sub(self.size - size, Ordering::Relaxed);
+        }
+        self.size = size;
     }
 
     /// The read size now in force.
@@ -544,16 +585,33 @@ mod tests {
         );
     }
 
+    /// One test for everything the shared budget touches, so no other test races it.
     #[test]
-    fn reads_grow_for_fast_bodies_and_shrink_for_slow_ones() {
-        let mut pace = Pace::default();
-        for _ in 0..8 * PACE_WINDOW / MIN_READ {
-            pace.passed(MIN_READ);
+    fn reads_grow_for_fast_bodies_within_the_budget_and_shrink_for_slow_ones() {
+        let run_fast = |pace: &mut Pace, windows: usize| {
+            for _ in 0..windows * PACE_WINDOW / MIN_READ {
+                pace.passed(MIN_READ);
+            }
+        };
+        let mut fast = Pace::default();
+        run_fast(&mut fast, 8);
+        assert_eq!(fast.read_size(), MAX_READ);
+        let mut crowd: Vec<Pace> = (0..16).map(|_| Pace::default()).collect();
+        for pace in &mut crowd {
+            run_fast(pace, 8);
         }
-        assert_eq!(pace.read_size(), MAX_READ.min(MIN_READ << 7));
-        pace.passed(PACE_WINDOW / 2);
+        let above_minimum: usize = std::iter::once(&fast)
+            .chain(&crowd)
+            .map(|p| p.read_size() - MIN_READ)
+            .sum();
+        assert!(above_minimum <= LARGE_READ_BUDGET, "{above_minimum}");
+        assert_eq!(crowd[15].read_size(), MIN_READ, "the budget was spent");
+        drop(crowd);
+        fast.passed(PACE_WINDOW / 2);
         std::thread::sleep(Pace::SLOW);
-        pace.passed(PACE_WINDOW / 2);
-        assert_eq!(pace.read_size(), MIN_READ);
+        fast.passed(PACE_WINDOW / 2);
+        assert_eq!(fast.read_size(), MIN_READ);
+        drop(fast);
+        assert_eq!(LARGE_READS.load(Ordering::Relaxed), 0, "all given back");
     }
 }
