@@ -630,3 +630,49 @@ async fn a_get_the_upstream_worked_on_before_closing_is_never_sent_twice() {
     assert_eq!(response.status, 502, "{}", response.text());
     assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), 1);
 }
+
+/// Flask's `MAX_CONTENT_LENGTH` answers 413 from the head alone, without reading the
+/// body, and Gunicorn then closes: the client must get that answer, not a 502 for the
+/// upload that could not go on.
+#[tokio::test]
+async fn an_answer_sent_before_the_upload_ended_reaches_the_client() {
+    let upstream = raw_upstream(vec![Step::Write(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+    )])
+    .await;
+    let proxy = TestProxy::start(ONE_UPSTREAM, upstream.addr).await;
+    let total = 64 << 20;
+    let mut stream = open(
+        proxy.addr,
+        format!("POST /geonature/api/import HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: {total}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let (mut reader, mut writer) = stream.split();
+    let upload = async {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let answer = async {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"too big!") && reader.read(&mut byte).await.unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    };
+    let answer = within(Duration::from_secs(5), "the early answer", async {
+        tokio::select! {
+            answer = answer => answer,
+            _ = upload => unreachable!(),
+        }
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with("too big!"), "{answer}");
+}
