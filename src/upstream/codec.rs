@@ -534,6 +534,17 @@ mod tests {
         assert_eq!(values, ["one", "two"]);
     }
 
+    #[test]
+    fn non_ascii_header_values_pass_as_bytes() {
+        // A Quadrige export named after its programme, as Flask sends it.
+        let wire = "HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename=\"données.csv\"\r\nContent-Length: 0\r\n\r\n";
+        let head = head(wire, Method::GET).expect("valid").expect("complete");
+        assert_eq!(
+            head.response.headers()["content-disposition"].as_bytes(),
+            "attachment; filename=\"données.csv\"".as_bytes()
+        );
+    }
+
     /// The body of `wire`, fed `split_every` bytes at a time, and what follows it.
     fn dechunk(wire: &[u8], split_every: usize) -> Result<(Vec<u8>, BytesMut), Malformed> {
         let mut state = Framing::Chunked(Chunk::Size);
