@@ -8,7 +8,7 @@
 //! body is done and released on every path (end, error, timeout, client gone), since it
 //! is released when dropped.
 
-mod codec;
+pub mod codec;
 mod conn;
 mod health;
 mod pool;
