@@ -676,3 +676,28 @@ async fn an_answer_sent_before_the_upload_ended_reaches_the_client() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.ends_with("too big!"), "{answer}");
 }
+
+/// An HTTP/1.0-style answer, neither length nor chunks: its body ends where the upstream
+/// closes. It reaches an HTTP/1.1 client whole and properly ended (re-framed), and the
+/// connection it came on is never reused.
+#[tokio::test]
+async fn a_body_delimited_by_the_close_arrives_whole_and_its_connection_is_not_reused() {
+    let upstream = raw_upstream(vec![Step::Write(
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/csv\r\n\r\nid;name\n1;a\n2;b\n",
+    )])
+    .await;
+    let proxy = TestProxy::start(ONE_UPSTREAM, upstream.addr).await;
+    for (i, path) in ["/geonature/api/a.csv", "/geonature/api/b.csv"]
+        .into_iter()
+        .enumerate()
+    {
+        let response = fetch(proxy.addr, path).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.body, b"id;name\n1;a\n2;b\n");
+        assert!(
+            response.complete,
+            "the body must end properly for the client"
+        );
+        assert_eq!(upstream.seen.connections.load(Ordering::SeqCst), i + 1);
+    }
+}
