@@ -1,5 +1,6 @@
 //! Time and allocations per operation on the request path (issue 5): route matching,
-//! header rewriting both ways, the GraphQL peek, the exchange's bookkeeping. Run with
+//! header rewriting both ways, the GraphQL peek, the exchange's bookkeeping, the upstream
+//! connection's head writing and parsing. Run with
 //! `cargo bench --bench alloc`; the `alloc:` and `grow:` rows are counts per operation.
 //! `tests/alloc_budget.rs` holds the counts so that a regression fails the tests.
 
@@ -9,7 +10,8 @@ mod cases;
 use std::sync::LazyLock;
 
 use cases::{
-    ExchangeCase, Fixture, GraphqlCase, HeaderCase, PathCase, EXCHANGES, GRAPHQL, HEADERS, PATHS,
+    ExchangeCase, Fixture, GraphqlCase, HeaderCase, PathCase, UpstreamCase, EXCHANGES, GRAPHQL,
+    HEADERS, PATHS, UPSTREAM,
 };
 use divan::{black_box, AllocProfiler, Bencher};
 
@@ -55,4 +57,15 @@ fn exchange(bencher: Bencher, case: &ExchangeCase) {
     // The record and the entry are dropped after the measurement: they end with the
     // response body.
     bencher.bench_local(|| case.run(fixture, black_box(&head)));
+}
+
+#[divan::bench(args = UPSTREAM)]
+fn upstream(bencher: Bencher, case: &UpstreamCase) {
+    let fixture = &*FIXTURE;
+    case.check(fixture);
+    // The read buffer is filled outside the measurement: the socket's read is not ours
+    // to count.
+    bencher
+        .with_inputs(|| case.input(fixture))
+        .bench_local_refs(|input| case.run(input));
 }

@@ -1,7 +1,8 @@
 //! The per-request operations issue 5 bounds in allocations, with their inputs: route
 //! matching on the shipped GeoNature table, request and response header rewriting on
-//! realistic header sets, the GraphQL peek, and the exchange's bookkeeping (its log
-//! record and its status-page entry). Shared by the `alloc` bench (time and
+//! realistic header sets, the GraphQL peek, the exchange's bookkeeping (its log
+//! record and its status-page entry), and the upstream connection's own work (the
+//! request head written, the response head parsed, chunked framing cut). Shared by the `alloc` bench (time and
 //! allocation counts) and `tests/alloc_budget.rs` (the budget), so both measure the
 //! same thing.
 
@@ -10,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Uri};
@@ -20,6 +21,7 @@ use quadrige_proxy::graphql;
 use quadrige_proxy::metrics::{Live, LiveGuard};
 use quadrige_proxy::proxy::headers::{self, Forwarded, RequestIds};
 use quadrige_proxy::route::{Route, RouteTable, Selection};
+use quadrige_proxy::upstream::codec::{self, Chunk, Framing, Step};
 use quadrige_proxy::upstream::Endpoint;
 use quadrige_proxy::Config;
 
@@ -540,5 +542,102 @@ impl ExchangeCase {
         assert_eq!(fixture.live.snapshot().len(), before + 1, "{}", self.name);
         drop(kept);
         assert_eq!(fixture.live.snapshot().len(), before, "{}", self.name);
+    }
+}
+
+/// A Gunicorn answer to an API call, as it comes off the socket.
+const GUNICORN_JSON: &[u8] = b"HTTP/1.1 200 OK\r\nServer: gunicorn\r\nDate: Thu, 03 Dec 2026 14:00:00 GMT\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 32\r\nX-Request-ID: 5f0c6a2e9d8b4c1a\r\nVary: Cookie\r\n\r\n{\"id\":4211,\"status\":\"SUCCESS\"}\n";
+
+/// A piece of a chunked CSV export: one 8 KiB chunk with its framing.
+fn chunked_piece() -> Vec<u8> {
+    let mut wire = b"2000\r\n".to_vec();
+    wire.extend(std::iter::repeat_n(b'x', 0x2000));
+    wire.extend_from_slice(b"\r\n");
+    wire
+}
+
+/// What the upstream connection does per exchange: write the request head, parse the
+/// response head, cut a chunked body's framing.
+pub enum UpstreamCase {
+    RequestHead,
+    ResponseHead,
+    ChunkedPiece,
+}
+
+pub const UPSTREAM: [UpstreamCase; 3] = [
+    UpstreamCase::RequestHead,
+    UpstreamCase::ResponseHead,
+    UpstreamCase::ChunkedPiece,
+];
+
+impl fmt::Display for UpstreamCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamCase::RequestHead => "request_head",
+            UpstreamCase::ResponseHead => "response_head",
+            UpstreamCase::ChunkedPiece => "chunked_piece",
+        })
+    }
+}
+
+/// The bytes an upstream case reads, in the buffer the connection reads into.
+pub struct UpstreamInput {
+    request: http::Request<()>,
+    wire: BytesMut,
+}
+
+impl UpstreamCase {
+    /// Built outside the measurement: the request as `to_upstream` leaves it, the bytes
+    /// as one read brings them.
+    pub fn input(&self, fixture: &Fixture) -> UpstreamInput {
+        let case = &HEADERS[0];
+        let mut head = case.input(fixture);
+        case.run(fixture, &mut head);
+        let mut request = http::Request::new(());
+        *request.uri_mut() = Uri::from_static("/geonature/api/synthese/for_web?limit=100");
+        *request.headers_mut() = head.headers;
+        let wire = match self {
+            UpstreamCase::ChunkedPiece => BytesMut::from(&chunked_piece()[..]),
+            _ => BytesMut::from(GUNICORN_JSON),
+        };
+        UpstreamInput { request, wire }
+    }
+
+    /// The operation; returns something of its result so that it is not optimised away.
+    pub fn run(&self, input: &mut UpstreamInput) -> usize {
+        match self {
+            UpstreamCase::RequestHead => codec::encode_head(&input.request, false).len(),
+            UpstreamCase::ResponseHead => codec::take_head(&mut input.wire, &Method::GET)
+                .ok()
+                .flatten()
+                .map_or(0, |head| head.response.headers().len()),
+            UpstreamCase::ChunkedPiece => {
+                let mut framing = Framing::Chunked(Chunk::Size);
+                let mut passed = 0;
+                while let Ok(step) = codec::step_chunked(&mut input.wire, &mut framing) {
+                    match step {
+                        Step::Data(data) => passed += data.len(),
+                        Step::Again if framing == Framing::Chunked(Chunk::Size) => break,
+                        Step::Again => {}
+                        Step::Short => break,
+                    }
+                }
+                passed
+            }
+        }
+    }
+
+    /// Panics unless the operation does its job on its input.
+    pub fn check(&self, fixture: &Fixture) {
+        let expected = match self {
+            UpstreamCase::RequestHead => 300,
+            UpstreamCase::ResponseHead => 7,
+            UpstreamCase::ChunkedPiece => 0x2000,
+        };
+        let got = self.run(&mut self.input(fixture));
+        match self {
+            UpstreamCase::RequestHead => assert!(got > expected, "{self}: {got} bytes"),
+            _ => assert_eq!(got, expected, "{self}"),
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::mem::MaybeUninit;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 
@@ -84,7 +84,7 @@ impl Framing {
 
 /// The request head as sent: `chunked` when the body's length is unknown, in which case
 /// `Transfer-Encoding: chunked` is added (the client's own was stripped as hop-by-hop).
-pub fn encode_head<B>(request: &Request<B>, chunked: bool) -> Bytes {
+pub fn encode_head<B>(request: &Request<B>, chunked: bool) -> Vec<u8> {
     let target = request
         .uri()
         .path_and_query()
@@ -101,22 +101,23 @@ pub fn encode_head<B>(request: &Request<B>, chunked: bool) -> Bytes {
             .sum::<usize>()
         + if chunked { 28 } else { 0 }
         + 2;
-    let mut out = BytesMut::with_capacity(size);
-    out.put_slice(method);
-    out.put_u8(b' ');
-    out.put_slice(target);
-    out.put_slice(b" HTTP/1.1\r\n");
+    // Written straight from this buffer: a `Bytes` would cost a second allocation.
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(method);
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     if chunked {
-        out.put_slice(b"transfer-encoding: chunked\r\n");
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    out.put_slice(b"\r\n");
-    out.freeze()
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// A complete response head taken from the front of a buffer.

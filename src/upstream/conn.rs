@@ -236,7 +236,7 @@ impl Conn {
     /// when that is already there), watching for a response that comes before the end.
     async fn upload(
         &mut self,
-        head: Bytes,
+        head: Vec<u8>,
         body: &mut RequestBody,
         chunked: bool,
         method: &Method,
