@@ -156,6 +156,14 @@ impl Conn {
         self.clean
     }
 
+    /// Before the connection waits in the pool: a fast download's large read buffer is
+    /// let go, so idle connections hold at most a head-sized one.
+    pub fn settle(&mut self) {
+        if self.buf.capacity() > 2 * HEAD_READ {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// An idle connection the upstream has not closed and sent nothing on. Costs a
     /// system call only when the reactor saw the socket become readable.
     pub fn is_alive(&self) -> bool {
@@ -574,6 +582,27 @@ impl Pace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_going_idle_lets_a_large_buffer_go() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let authority = listener.local_addr().expect("address").to_string();
+        let mut conn = Conn::open(&UpstreamAddress::Tcp { authority })
+            .await
+            .expect("connect");
+        conn.buf = BytesMut::with_capacity(HEAD_READ);
+        conn.settle();
+        assert_eq!(
+            conn.buf.capacity(),
+            HEAD_READ,
+            "a head-sized buffer is kept"
+        );
+        conn.buf = BytesMut::with_capacity(MAX_READ);
+        conn.settle();
+        assert!(conn.buf.capacity() <= 2 * HEAD_READ);
+    }
 
     #[test]
     fn chunk_size_lines_are_hex() {

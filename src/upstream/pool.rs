@@ -140,7 +140,8 @@ impl Endpoint {
         })
     }
 
-    fn put_back(&self, conn: Conn, worker: Option<usize>) {
+    fn put_back(&self, mut conn: Conn, worker: Option<usize>) {
+        conn.settle();
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         self.expire(&mut idle, now);
