@@ -28,7 +28,7 @@ use crate::config::UpstreamAddress;
 const HEAD_READ: usize = 8 * 1024;
 /// Response body reads: from a slow reader's size up to a fast download's.
 const MIN_READ: usize = 8 * 1024;
-const MAX_READ: usize = 256 * 1024;
+const MAX_READ: usize = 512 * 1024;
 /// The read size is reconsidered after each mebibyte passed on.
 const PACE_WINDOW: usize = 1 << 20;
 /// A pooled connection the upstream closed fails within a round trip; one that fails
