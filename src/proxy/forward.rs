@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Method, Request, Response};
+use http::{header, Request, Response};
 use http_body::Body as _;
 use tokio::time::Instant;
 
@@ -20,7 +20,7 @@ use crate::body::{BodyError, RequestBody, UploadProgress};
 use crate::config::Timeouts;
 use crate::metrics::{Stage, Tracked};
 use crate::upstream::{
-    ConnectError, Endpoint, Framing, PooledConnection, SendError, Slot, Upstream, WireError,
+    codec, ConnectError, Endpoint, Framing, PooledConnection, SendError, Slot, Upstream, WireError,
 };
 
 /// What the forward phase needs to know about the exchange.
@@ -34,11 +34,7 @@ pub(super) struct Forward<'a> {
 /// Whether `request` may go to another server after a failure the upstream may have
 /// seen: idempotent, and no body (a body cannot be read from the client twice).
 fn replayable(request: &Request<RequestBody>, servers: usize) -> bool {
-    let idempotent = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    );
-    servers > 1 && idempotent && request.body().is_end_stream()
+    servers > 1 && codec::is_idempotent(request.method()) && request.body().is_end_stream()
 }
 
 impl Forward<'_> {
@@ -77,8 +73,9 @@ impl Forward<'_> {
                 Err(error) => return Err(error),
             };
             self.tracked.set_stage(Stage::WaitingForUpstream);
-            let sending = connection.send(&mut request);
-            let error = match timers.await_head(sending, Instant::now()).await {
+            let sent_at = Instant::now();
+            let sending = connection.send(&mut request, sent_at);
+            let error = match timers.await_head(sending, sent_at).await {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     slot.server.responses[usize::from(status / 100).clamp(1, 5) - 1].inc();

@@ -209,6 +209,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
             let n = self.unread.len().min(buf.remaining());
             buf.put_slice(&self.unread.split_to(n));
             if self.unread.is_empty() {
+                // An empty slice still holds the old session's whole read buffer.
                 self.unread = Bytes::new();
             }
             return Poll::Ready(Ok(()));

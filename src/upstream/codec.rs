@@ -120,6 +120,14 @@ pub fn encode_head<B>(request: &Request<B>, chunked: bool) -> Vec<u8> {
     out
 }
 
+/// RFC 9110 §9.2.2: sending the request twice has the effect of sending it once.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 /// A complete response head taken from the front of a buffer.
 pub struct Head {
     pub response: Response<Framing>,

@@ -180,15 +180,16 @@ impl Conn {
 
     /// Sends `request` (its body streamed) and reads the response head. The request stays
     /// with the caller, so it can go again when the error says it was never sent.
+    /// `sent_at` is now, as the caller's timers already read it.
     pub async fn send(
         &mut self,
         request: &mut Request<RequestBody>,
         reused: bool,
+        sent_at: tokio::time::Instant,
     ) -> Result<Response<Framing>, SendError> {
         self.clean = false;
         self.received = false;
         self.body_taken = false;
-        let started = Instant::now();
         match self.exchange(request).await {
             Ok(head) => Ok(self.accept(head)),
             Err(Failure::Body(error)) => Err(SendError::RequestBody(error)),
@@ -207,8 +208,8 @@ impl Conn {
                     && stale
                     && !self.received
                     && !self.body_taken
-                    && is_idempotent(request.method())
-                    && started.elapsed() < STALE_CLOSE_WINDOW;
+                    && codec::is_idempotent(request.method())
+                    && sent_at.elapsed() < STALE_CLOSE_WINDOW;
                 Err(SendError::Upstream { error, unsent })
             }
         }
@@ -477,13 +478,6 @@ impl Conn {
             (read, _) => read,
         }
     }
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// `Some` with the body's next frame if it is there now, `None` if it is not (the waker

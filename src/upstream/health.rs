@@ -118,7 +118,10 @@ async fn probe(endpoint: &Arc<Endpoint>, path: &str) -> bool {
     else {
         return false;
     };
-    match connection.send(&mut request).await {
+    match connection
+        .send(&mut request, tokio::time::Instant::now())
+        .await
+    {
         Ok(response) => response.status().is_success() || response.status().is_redirection(),
         Err(_) => false,
     }

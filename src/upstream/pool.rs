@@ -176,8 +176,9 @@ impl PooledConnection {
     pub async fn send(
         &mut self,
         request: &mut Request<RequestBody>,
+        sent_at: tokio::time::Instant,
     ) -> Result<Response<Framing>, SendError> {
-        self.conn.send(request, self.reused).await
+        self.conn.send(request, self.reused, sent_at).await
     }
 
     /// The connection the response body is read from.
