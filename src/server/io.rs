@@ -6,13 +6,13 @@
 //! fails with `TimedOut`, which makes hyper drop the connection and, with it, the
 //! upstream request.
 //!
-//! "Blocked" means the client took no byte at all. The kernel reports a TCP socket
-//! writable again only once a third of its send buffer is free, and that buffer grows
-//! to megabytes: a client reading slowly but steadily can leave the socket "unwritable"
-//! for longer than the limit. So when the limit is reached the write is retried on the
-//! socket itself, past the runtime's readiness; only if the send buffer is still full
-//! (nothing left since the write blocked) does the guard fire.
-
+//! "Blocked" means the client acknowledged no byte at all for that long, as the kernel
+//! counts them (`TCP_INFO`). Neither readiness nor room in the send buffer tells: the
+//! kernel reports a socket writable only once a third of its send buffer is free, and
+//! that buffer grows to megabytes, so a client reading slowly but steadily can leave
+//! the socket "unwritable" for longer than the limit; and Linux 6.x keeps growing the
+//! send buffer of a connection whose peer advertises a zero window, so a client that
+//! reads nothing still makes room for more writes every few hundred milliseconds.
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +111,8 @@ pub struct ClientStream<S> {
     limit: WriteStallLimit,
     timer: Option<Pin<Box<Sleep>>>,
     stalled: bool,
+    /// What the client had acknowledged when the current stall window began.
+    acked_before_stall: Option<u64>,
     /// Bytes read from the socket that a previous HTTP/1 session left unparsed.
     unread: Bytes,
     activity: Arc<Activity>,
@@ -123,6 +125,7 @@ impl<S> ClientStream<S> {
             limit,
             timer: None,
             stalled: false,
+            acked_before_stall: None,
             unread: Bytes::new(),
             activity,
         }
@@ -137,65 +140,95 @@ impl<S> ClientStream<S> {
         self.unread = bytes;
     }
 
-    /// Called when a write could not progress: arms the stall timer, and says whether it
-    /// has expired (with its limit).
-    fn stall_expired(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
-        let limit = self.limit.get()?;
-        if !self.stalled {
-            let deadline = Instant::now() + limit;
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-            self.stalled = true;
-        }
-        match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Some(limit),
-            _ => None,
-        }
-    }
-
-    /// Passes a write's result on, running the stall guard while it is pending; when the
-    /// guard's limit is reached, `retry` tries the write once more on the socket itself.
+    /// Passes a write's result on, running the stall guard while it is pending.
     fn progressed<T>(
         &mut self,
         result: Poll<io::Result<T>>,
         cx: &mut Context<'_>,
-        retry: impl FnOnce(&S) -> io::Result<T>,
-    ) -> Poll<io::Result<T>> {
+    ) -> Poll<io::Result<T>>
+    where
+        S: AckedBytes,
+    {
         if result.is_ready() {
             self.stalled = false;
             return result;
         }
-        let Some(limit) = self.stall_expired(cx) else {
+        let Some(limit) = self.limit.get() else {
             return Poll::Pending;
         };
-        match retry(&self.inner) {
-            // The client took bytes since the write blocked: not stalled, start over.
-            Ok(written) => {
-                self.stalled = false;
-                Poll::Ready(Ok(written))
+        if !self.stalled {
+            self.arm(limit);
+        }
+        while let Some(Poll::Ready(())) = self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+            match (self.acked_before_stall, self.inner.bytes_acked()) {
+                // The client took bytes during the limit: it reads, however slowly.
+                (Some(before), Some(now)) if now != before => self.arm(limit),
+                // Nothing taken, or no way to know (then the limit alone decides, as
+                // nginx's `send_timeout` does).
+                _ => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {limit:?} (idle timer)"),
+                    )))
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client read nothing for {limit:?} (idle timer)"),
-            ))),
-            Err(e) => Poll::Ready(Err(e)),
+        }
+        Poll::Pending
+    }
+
+    /// Starts a stall window of `limit` from now.
+    fn arm(&mut self, limit: Duration)
+    where
+        S: AckedBytes,
+    {
+        self.stalled = true;
+        self.acked_before_stall = self.inner.bytes_acked();
+        let deadline = Instant::now() + limit;
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
     }
 }
 
-/// A transport that can attempt a write on the spot, whatever the runtime last learned
-/// about its readiness.
-pub trait WriteNow {
-    /// A non-blocking write attempt: `WouldBlock` when the send buffer is full.
-    fn write_now(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+/// A transport that knows how many bytes its peer has acknowledged.
+pub trait AckedBytes {
+    /// The bytes the peer acknowledged on this connection so far; `None` when the
+    /// system does not say.
+    fn bytes_acked(&self) -> Option<u64>;
 }
 
-impl WriteNow for TcpStream {
-    fn write_now(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        // The socket is non-blocking (tokio made it so).
-        socket2::SockRef::from(self).send_vectored(bufs)
+impl AckedBytes for TcpStream {
+    #[cfg(target_os = "linux")]
+    fn bytes_acked(&self) -> Option<u64> {
+        use std::mem::{offset_of, size_of, MaybeUninit};
+        use std::os::fd::AsRawFd;
+        let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` is a writable buffer of `len` bytes for the whole call, and the
+        // descriptor stays open while `self` lives.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        // Kernels before 4.1 fill a shorter struct, without the field.
+        let needed = offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+        if rc != 0 || (len as usize) < needed {
+            return None;
+        }
+        // SAFETY: zeroed, then partly overwritten by the kernel: every field is an
+        // integer, for which any bytes are a valid value.
+        Some(unsafe { info.assume_init() }.tcpi_bytes_acked)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn bytes_acked(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -223,14 +256,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
     }
 }
 
-impl<S: AsyncWrite + WriteNow + Unpin> AsyncWrite for ClientStream<S> {
+impl<S: AsyncWrite + AckedBytes + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.progressed(result, cx, |s| s.write_now(&[io::IoSlice::new(buf)]))
+        self.progressed(result, cx)
     }
 
     fn poll_write_vectored(
@@ -239,7 +272,7 @@ impl<S: AsyncWrite + WriteNow + Unpin> AsyncWrite for ClientStream<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.progressed(result, cx, |s| s.write_now(bufs))
+        self.progressed(result, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -248,7 +281,7 @@ impl<S: AsyncWrite + WriteNow + Unpin> AsyncWrite for ClientStream<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let result = Pin::new(&mut self.inner).poll_flush(cx);
-        self.progressed(result, cx, |_| Err(io::ErrorKind::WouldBlock.into()))
+        self.progressed(result, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
