@@ -19,7 +19,7 @@ use quadrige_proxy::access_log::{AccessLog, Exchange};
 use quadrige_proxy::config::Cidr;
 use quadrige_proxy::graphql;
 use quadrige_proxy::metrics::{Live, LiveGuard};
-use quadrige_proxy::proxy::headers::{self, Forwarded, RequestIds};
+use quadrige_proxy::proxy::headers::{self, Forwarded, PeerAddr, RequestIds};
 use quadrige_proxy::route::{Route, RouteTable, Selection};
 use quadrige_proxy::upstream::codec::{self, Chunk, Framing, Step};
 use quadrige_proxy::upstream::Endpoint;
@@ -289,6 +289,8 @@ pub const HEADERS: [HeaderCase; 4] = [
 pub struct Head {
     pub headers: HeaderMap,
     pub request_id: Option<HeaderValue>,
+    /// The client connection's address, made once per connection, not per request.
+    pub peer: Option<PeerAddr>,
 }
 
 /// A header map as hyper hands it over for a connection's first request: reserved for
@@ -325,9 +327,14 @@ impl HeaderCase {
                 Some(id)
             }
         };
+        let peer = match self.op {
+            HeaderOp::Request { peer } => Some(PeerAddr::new(peer)),
+            HeaderOp::Response => None,
+        };
         Head {
             headers,
             request_id,
+            peer,
         }
     }
 
@@ -336,12 +343,16 @@ impl HeaderCase {
     pub fn run(&self, fixture: &Fixture, head: &mut Head) {
         let headers = &mut head.headers;
         match self.op {
-            HeaderOp::Request { peer } => {
+            HeaderOp::Request { .. } => {
+                let peer = head.peer.as_ref().expect("made by input()");
                 let request_id = fixture.request_ids.for_request(headers);
-                let client = headers::real_client(headers, peer, &fixture.trusted_proxies);
+                let client = headers::real_client(headers, peer.ip(), &fixture.trusted_proxies);
                 let forwarded = Forwarded {
                     peer,
-                    peer_trusted: fixture.trusted_proxies.iter().any(|c| c.contains(peer)),
+                    peer_trusted: fixture
+                        .trusted_proxies
+                        .iter()
+                        .any(|c| c.contains(peer.ip())),
                     scheme: "https",
                     server_name: &fixture.server_name,
                 };

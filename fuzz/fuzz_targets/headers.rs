@@ -11,7 +11,7 @@ use http::{Method, Request, Uri, Version};
 use libfuzzer_sys::fuzz_target;
 use quadrige_proxy::config::Cidr;
 use quadrige_proxy::proxy::conformance;
-use quadrige_proxy::proxy::headers::{self, Forwarded, RequestIds};
+use quadrige_proxy::proxy::headers::{self, Forwarded, PeerAddr, RequestIds};
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
     for (peer, peer_trusted) in [("192.0.2.7", false), ("10.0.0.1", true)] {
         let mut upstream = map.clone();
         let forwarded = Forwarded {
-            peer: peer.parse().unwrap(),
+            peer: &PeerAddr::new(peer.parse().unwrap()),
             peer_trusted,
             scheme: "https",
             server_name: &server,

@@ -19,7 +19,8 @@ static X_FORWARDED_SERVER: HeaderName = HeaderName::from_static("x-forwarded-ser
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1);
+/// `Connection` first, for [`strip_hop_by_hop`].
 const HOP_BY_HOP: [&HeaderName; 9] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
@@ -34,11 +35,31 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Each `Connection` line is cloned (a reference count: its bytes are shared) so
-    // that the map can be changed while the line is read. Names are looked up as text,
-    // which parses them on the stack; a `HeaderName` for a non-standard name would be
-    // an allocation. Tokens naming a hop-by-hop header are left to the loop below, so
-    // the `Connection` lines stay in place while they are walked.
+    // One walk over the names finds the few present (most messages carry none, or
+    // only `Connection`), where removing all nine would hash and look up each of them.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
+            present[i] = true;
+        }
+    }
+    if present[0] {
+        remove_connection_options(headers);
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(*name);
+        }
+    }
+}
+
+/// Removes the headers the `Connection` lines name, those lines left in place.
+fn remove_connection_options(headers: &mut HeaderMap) {
+    // Each line is cloned (a reference count: its bytes are shared) so that the map
+    // can be changed while the line is read. Names are looked up as text, which parses
+    // them on the stack; a `HeaderName` for a non-standard name would be an allocation.
+    // Tokens naming a hop-by-hop header are left to the caller, so the `Connection`
+    // lines stay in place while they are walked.
     let mut line = 0;
     while let Some(value) = headers
         .get_all(header::CONNECTION)
@@ -57,9 +78,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
 }
 
 /// Whether the message asks for its connection to be closed after it.
@@ -72,18 +90,50 @@ pub fn wants_close(headers: &HeaderMap) -> bool {
         .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
+/// A client connection's peer address, with the text every request on the connection
+/// writes into `X-Forwarded-For`: formatted once per connection, not per request.
+#[derive(Debug, Clone)]
+pub struct PeerAddr {
+    ip: IpAddr,
+    text: HeaderValue,
+}
+
+impl PeerAddr {
+    pub fn new(ip: IpAddr) -> PeerAddr {
+        let mut text = StackText::<IP_TEXT_MAX>::new();
+        // Never fails: an address fits in IP_TEXT_MAX.
+        let _ = write!(text, "{ip}");
+        // Owned as it is, so that every request's clone only counts a reference (a
+        // copied `Vec` would allocate again at its first clone).
+        let text = HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        PeerAddr { ip, text }
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
 /// What the forwarded headers say about the client side of the exchange.
 pub struct Forwarded<'a> {
     /// The TCP peer: the client, or a proxy in front of us.
-    pub peer: IpAddr,
+    pub peer: &'a PeerAddr,
     /// Whether the peer is one of `trusted_proxies`, whose `X-Forwarded-*` we keep.
     pub peer_trusted: bool,
     pub scheme: &'static str,
     pub server_name: &'a HeaderValue,
 }
 
+/// How many fields [`to_upstream`] may add: the four `X-Forwarded-*`, `X-Request-ID`,
+/// and the `Host` the forward phase sets.
+const ADDED_UPSTREAM: usize = 6;
+
 /// Rewrites a client request's headers for the upstream.
 pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_id: &HeaderValue) {
+    // hyper sizes the map for the fields it parsed: made room for at once, the added
+    // ones cost one growth at most instead of one per doubling.
+    headers.reserve(ADDED_UPSTREAM);
     strip_hop_by_hop(headers);
     // We answer `Expect: 100-continue` ourselves when we start reading the body.
     headers.remove(header::EXPECT);
@@ -96,11 +146,12 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_i
             None => headers.remove(&X_FORWARDED_HOST),
         };
     }
-    if !forwarded.peer_trusted {
+    if forwarded.peer_trusted {
+        append_forwarded_for(headers, &forwarded.peer.text);
+    } else {
         // An untrusted client's claims about where it comes from are dropped, not extended.
-        headers.remove(&X_FORWARDED_FOR);
+        headers.insert(X_FORWARDED_FOR.clone(), forwarded.peer.text.clone());
     }
-    append_forwarded_for(headers, forwarded.peer);
     if !keep(headers, &X_FORWARDED_PROTO) {
         headers.insert(
             X_FORWARDED_PROTO.clone(),
@@ -112,10 +163,7 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_i
 }
 
 /// Appends the client to `X-Forwarded-For` as Apache does (a single header, comma list).
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut address = StackText::<IP_TEXT_MAX>::new();
-    // Never fails: an address fits in IP_TEXT_MAX.
-    let _ = write!(address, "{client}");
+fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
     let previous = || {
         headers
             .get_all(&X_FORWARDED_FOR)
@@ -123,15 +171,19 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
             .filter_map(|v| v.to_str().ok())
             .map(str::trim)
     };
+    if previous().next().is_none() {
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+        return;
+    }
     // Measured first so that the value is one exact-size buffer, which `Bytes` then
     // takes over without copying or allocating its own header.
-    let len = previous().map(|text| text.len() + 2).sum::<usize>() + address.len;
+    let len = previous().map(|text| text.len() + 2).sum::<usize>() + client.len();
     let mut value = Vec::with_capacity(len);
     for text in previous() {
         value.extend_from_slice(text.as_bytes());
         value.extend_from_slice(b", ");
     }
-    value.extend_from_slice(address.as_bytes());
+    value.extend_from_slice(client.as_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -156,6 +208,12 @@ impl<const N: usize> StackText<N> {
 
     fn as_bytes(&self) -> &[u8] {
         &self.buffer[..self.len]
+    }
+}
+
+impl<const N: usize> AsRef<[u8]> for StackText<N> {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
     }
 }
 
@@ -230,9 +288,10 @@ pub fn to_client_in_pieces(
             rewrite_self_reference(headers, &name, upstream_origin, public);
         }
     }
-    if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    }
+    // One lookup (a non-standard name is hashed byte by byte), not a test then an insert.
+    headers
+        .entry(X_REQUEST_ID.clone())
+        .or_insert_with(|| request_id.clone());
 }
 
 /// `ProxyPassReverse`: a `Location` pointing at the upstream itself points at us instead.
@@ -354,7 +413,7 @@ mod tests {
         let mut h = headers(&[("host", "geonature.fr"), ("x-forwarded-for", "10.0.0.1")]);
         let server = HeaderValue::from_static("proxy-host");
         let f = Forwarded {
-            peer: "192.0.2.1".parse().unwrap(),
+            peer: &PeerAddr::new("192.0.2.1".parse().unwrap()),
             peer_trusted: true,
             scheme: "https",
             server_name: &server,
@@ -381,7 +440,7 @@ mod tests {
         ]);
         let server = HeaderValue::from_static("proxy-host");
         let f = Forwarded {
-            peer: "203.0.113.5".parse().unwrap(),
+            peer: &PeerAddr::new("203.0.113.5".parse().unwrap()),
             peer_trusted: false,
             scheme: "http",
             server_name: &server,

@@ -45,6 +45,8 @@ pub use error::{ProxyError, TimerKind};
 /// What the proxy knows about the client connection a request came on.
 pub struct Client {
     pub addr: SocketAddr,
+    /// The address again, with its text ready for `X-Forwarded-For`.
+    pub peer: headers::PeerAddr,
     /// `http` or `https`, for `X-Forwarded-Proto` and rewritten `Location`s.
     pub scheme: &'static str,
     /// The client connection's write stall guard, set to the route's idle timer.
@@ -300,10 +302,10 @@ impl Proxy {
         *request.uri_mut() = origin_form(&parts.uri);
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = parts.headers;
-        let peer = client.addr.ip();
+        let peer = &client.peer;
         let forwarded = headers::Forwarded {
             peer,
-            peer_trusted: self.trusted_proxies.iter().any(|c| c.contains(peer)),
+            peer_trusted: self.trusted_proxies.iter().any(|c| c.contains(peer.ip())),
             scheme: client.scheme,
             server_name: &self.server_name,
         };
@@ -424,23 +426,22 @@ fn admit_body(
 /// Phase 4: the upstream's head, cleaned for the client, with a timed streaming body.
 fn respond(
     response: Response<Framing>,
-    mut connection: PooledConnection,
+    connection: PooledConnection,
     timeouts: Timeouts,
     exchange: &Exchange,
     upstream: &Upstream,
     public: Option<(&str, &HeaderValue)>,
 ) -> Response<ResponseBody> {
     let (mut head, framing) = response.into_parts();
-    if headers::wants_close(&head.headers) {
-        connection.forbid_reuse();
-        if head.status == http::StatusCode::INTERNAL_SERVER_ERROR {
-            // Gunicorn's answer when it kills a worker: 500 and Connection: close.
-            forward::diagnose_worker_kill(
-                upstream,
-                exchange.started.elapsed(),
-                "answered 500 and closed",
-            );
-        }
+    // The connection already knows from the head whether it may be reused.
+    if head.status == http::StatusCode::INTERNAL_SERVER_ERROR && headers::wants_close(&head.headers)
+    {
+        // Gunicorn's answer when it kills a worker: 500 and Connection: close.
+        forward::diagnose_worker_kill(
+            upstream,
+            exchange.started.elapsed(),
+            "answered 500 and closed",
+        );
     }
     let public_origin = public
         .filter(|(_, host)| host.to_str().is_ok())

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use super::io::{Activity, ClientStream, WriteStallLimit};
 use super::{ListenerKind, Shared, Stop};
 use crate::admin::ServerGauges;
 use crate::body::ResponseBody;
+use crate::proxy::headers::PeerAddr;
 use crate::proxy::Client;
 
 /// hyper buffers up to this much of a response for a client that reads slowly (its
@@ -91,6 +93,7 @@ pub async fn serve(
     let stream = ClientStream::new(stream, write_stall.clone(), activity.clone());
     let client = Client {
         addr: peer,
+        peer: PeerAddr::new(peer.ip()),
         scheme: if secure { "https" } else { "http" },
         write_stall,
     };
@@ -290,30 +293,16 @@ async fn drive<Svc>(
     session: &mut PlainSession<Svc>,
     activity: &Activity,
     park_after: Duration,
-    mut may_park: bool,
+    may_park: bool,
     stopped: &mut watch::Receiver<Stop>,
 ) -> SessionEnd
 where
     Svc: ClientService,
 {
-    let began = activity.snapshot();
-    let stopping = loop {
-        let seen = activity.snapshot();
-        // A session not allowed to park at first (a head was pending) may once a
-        // request of its own has arrived.
-        may_park |= seen.started_since(&began);
-        tokio::select! {
-            result = poll_fn(|cx| session.poll_without_shutdown(cx)) => {
-                return SessionEnd::Closed(result);
-            }
-            _ = stopped.wait_for(|stop| *stop != Stop::Running) => break true,
-            _ = tokio::time::sleep(park_after) => {
-                let now = activity.snapshot();
-                if may_park && now == seen && !now.exchange_under_way() {
-                    break false;
-                }
-            }
-        }
+    let stopping = match run_until_idle(session, activity, park_after, may_park, stopped).await {
+        SessionEnd::Closed(result) => return SessionEnd::Closed(result),
+        SessionEnd::Parked => false,
+        SessionEnd::Dropped => true,
     };
     // Idle, hyper closes the session at once and keeps the unparsed bytes; otherwise it
     // finishes the exchange under way first.
@@ -329,6 +318,70 @@ where
         result = finished => SessionEnd::Closed(result),
         _ = stopped.wait_for(|stop| *stop == Stop::Now) => SessionEnd::Dropped,
     }
+}
+
+/// Runs a session until it ends (`Closed`), has been idle for `park_after` and may be
+/// parked (`Parked`), or the server stops (`Dropped`: the caller decides what of it).
+async fn run_until_idle<Svc>(
+    session: &mut PlainSession<Svc>,
+    activity: &Activity,
+    park_after: Duration,
+    mut may_park: bool,
+    stopped: &mut watch::Receiver<Stop>,
+) -> SessionEnd
+where
+    Svc: ClientService,
+{
+    let began = activity.snapshot();
+    let mut seen = began;
+    let mut stop_probe = stopped.clone();
+    let park_timer = tokio::time::sleep(park_after);
+    tokio::pin!(park_timer);
+    let stop = stopped.wait_for(|stop| *stop != Stop::Running);
+    tokio::pin!(stop);
+    // The park timer and the stop signal keep this task's waker once polled, so a
+    // wakeup polls them again only when they have fired: polling both on every wakeup
+    // of a busy connection cost more than hyper's own work on a small request.
+    let mut registered = false;
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = session.poll_without_shutdown(cx) {
+            return Poll::Ready(SessionEnd::Closed(result));
+        }
+        if !registered || stop_probe.has_changed().unwrap_or(true) {
+            if poll_unbudgeted(stop.as_mut(), cx).is_ready() {
+                return Poll::Ready(SessionEnd::Dropped);
+            }
+            stop_probe.borrow_and_update();
+        }
+        if !registered || park_timer.is_elapsed() {
+            while poll_unbudgeted(park_timer.as_mut(), cx).is_ready() {
+                let now = activity.snapshot();
+                // A session not allowed to park at first (a head was pending) may once a
+                // request of its own has arrived.
+                may_park |= now.started_since(&began);
+                if may_park && now == seen && !now.exchange_under_way() {
+                    return Poll::Ready(SessionEnd::Parked);
+                }
+                seen = now;
+                park_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + park_after);
+            }
+        }
+        registered = true;
+        Poll::Pending
+    })
+    .await
+}
+
+/// Polls `future` outside the task's cooperative budget: a poll the budget turned
+/// away would register no waker, and [`drive`] only polls again once woken.
+fn poll_unbudgeted<F: Future + ?Sized>(
+    mut future: Pin<&mut F>,
+    cx: &mut Context<'_>,
+) -> Poll<F::Output> {
+    let mut unbudgeted = tokio::task::unconstrained(poll_fn(|cx| future.as_mut().poll(cx)));
+    Pin::new(&mut unbudgeted).poll(cx)
 }
 
 /// The admin listener: HTTP/1.1 only, answered from the current configuration.

@@ -211,7 +211,9 @@ fn header_spans(base: *const u8, headers: &[httparse::Header<'_>], spans: &mut [
 }
 
 fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Malformed> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the `X-Request-ID` the response gets on its way to the client: the
+    // map would otherwise grow (a new index and entry table) for that one field.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
     for &(name_start, name_end, value_start, value_end) in spans {
         let (name_start, name_end) = (usize::from(name_start), usize::from(name_end));
         let (value_start, value_end) = (usize::from(value_start), usize::from(value_end));

@@ -106,7 +106,6 @@ impl Endpoint {
                     worker: idle.worker,
                     endpoint: self.clone(),
                     reused: true,
-                    reusable: true,
                 });
             }
         }
@@ -115,7 +114,12 @@ impl Endpoint {
 
     /// Drops the connections idle for `keepalive_timeout` or longer.
     fn expire(&self, idle: &mut Vec<IdleConnection>, now: Instant) {
-        let stale = idle.partition_point(|c| now.duration_since(c.since) >= self.keepalive_timeout);
+        // One subtraction, not one per connection looked at: comparing instants is
+        // cheap, measuring the time between two is not.
+        let Some(cutoff) = now.checked_sub(self.keepalive_timeout) else {
+            return;
+        };
+        let stale = idle.partition_point(|c| c.since <= cutoff);
         idle.drain(..stale);
     }
 
@@ -136,7 +140,6 @@ impl Endpoint {
             worker: workers::current(),
             endpoint: self.clone(),
             reused: false,
-            reusable: true,
         })
     }
 
@@ -168,7 +171,6 @@ pub struct PooledConnection {
     endpoint: Arc<Endpoint>,
     /// Whether it came from the pool (a failure to send on it may be a stale close).
     pub reused: bool,
-    reusable: bool,
 }
 
 impl PooledConnection {
@@ -191,15 +193,10 @@ impl PooledConnection {
         &self.endpoint
     }
 
-    /// The upstream asked to close (`Connection: close`): never pool it.
-    pub fn forbid_reuse(&mut self) {
-        self.reusable = false;
-    }
-
     /// Returns the connection to the pool if its exchange ended cleanly; closes it
     /// otherwise.
     pub fn release(self) {
-        if self.reusable && self.conn.is_reusable() {
+        if self.conn.is_reusable() {
             self.endpoint.put_back(self.conn, self.worker);
         }
     }
