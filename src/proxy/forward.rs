@@ -20,7 +20,8 @@ use crate::body::{BodyError, RequestBody, UploadProgress};
 use crate::config::Timeouts;
 use crate::metrics::{Stage, Tracked};
 use crate::upstream::{
-    codec, ConnectError, Endpoint, Framing, PooledConnection, SendError, Slot, Upstream, WireError,
+    codec, ConnectError, Endpoint, ExtraFields, Framing, PooledConnection, SendError, Slot,
+    Upstream, WireError,
 };
 
 /// What the forward phase needs to know about the exchange.
@@ -43,6 +44,7 @@ impl Forward<'_> {
     pub async fn run(
         &self,
         mut request: Request<RequestBody>,
+        extra: &ExtraFields,
     ) -> Result<(Response<Framing>, PooledConnection, Slot), ProxyError> {
         let timers = HeadTimers {
             timeouts: self.timeouts,
@@ -74,7 +76,7 @@ impl Forward<'_> {
             };
             self.tracked.set_stage(Stage::WaitingForUpstream);
             let sent_at = Instant::now();
-            let sending = connection.send(&mut request, sent_at);
+            let sending = connection.send(&mut request, extra, sent_at);
             let error = match timers.await_head(sending, sent_at).await {
                 Ok(response) => {
                     let status = response.status().as_u16();

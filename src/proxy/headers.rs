@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Cidr;
+use crate::upstream::ExtraFields;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -125,45 +126,86 @@ pub struct Forwarded<'a> {
     pub server_name: &'a HeaderValue,
 }
 
-/// How many fields [`to_upstream`] may add: the four `X-Forwarded-*`, `X-Request-ID`,
-/// and the `Host` the forward phase sets.
-const ADDED_UPSTREAM: usize = 6;
+/// The client's fields that [`to_upstream`] replaces or keeps, in [`ForwardedPresent`]'s
+/// order.
+const FORWARDED: [&HeaderName; 5] = [
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_SERVER,
+    &X_REQUEST_ID,
+];
 
-/// Rewrites a client request's headers for the upstream.
-pub fn to_upstream(headers: &mut HeaderMap, forwarded: &Forwarded<'_>, request_id: &HeaderValue) {
-    // hyper sizes the map for the fields it parsed: made room for at once, the added
-    // ones cost one growth at most instead of one per doubling.
-    headers.reserve(ADDED_UPSTREAM);
+/// Which of [`FORWARDED`] the client sent: one walk over the names, where looking each
+/// up would hash it byte by byte (`http` does not know these names).
+struct ForwardedPresent([bool; FORWARDED.len()]);
+
+impl ForwardedPresent {
+    fn of(headers: &HeaderMap) -> ForwardedPresent {
+        let mut present = [false; FORWARDED.len()];
+        for name in headers.keys() {
+            if let Some(i) = FORWARDED.iter().position(|f| *f == name) {
+                present[i] = true;
+            }
+        }
+        ForwardedPresent(present)
+    }
+
+    fn has(&self, name: &HeaderName) -> bool {
+        FORWARDED
+            .iter()
+            .position(|f| *f == name)
+            .is_some_and(|i| self.0[i])
+    }
+}
+
+/// Rewrites a client request's headers for the upstream; returns the fields the proxy
+/// adds, which are written after the client's (see [`ExtraFields`]).
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    forwarded: &Forwarded<'_>,
+    request_id: &HeaderValue,
+) -> ExtraFields {
     strip_hop_by_hop(headers);
     // We answer `Expect: 100-continue` ourselves when we start reading the body.
     headers.remove(header::EXPECT);
-    let keep = |headers: &HeaderMap, name: &HeaderName| {
-        forwarded.peer_trusted && headers.contains_key(name)
+    let present = ForwardedPresent::of(headers);
+    let trusted = forwarded.peer_trusted;
+    let mut extra = ExtraFields::default();
+    let mut replace = |headers: &mut HeaderMap, name: &'static HeaderName, ours| {
+        if present.has(name) {
+            headers.remove(name);
+        }
+        if let Some(value) = ours {
+            extra.push(name, value);
+        }
     };
-    if !keep(headers, &X_FORWARDED_HOST) {
-        match headers.get(header::HOST).cloned() {
-            Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
+    if !(trusted && present.has(&X_FORWARDED_HOST)) {
+        let host = headers.get(header::HOST).cloned();
+        replace(headers, &X_FORWARDED_HOST, host);
     }
-    if forwarded.peer_trusted {
-        append_forwarded_for(headers, &forwarded.peer.text);
-    } else {
-        // An untrusted client's claims about where it comes from are dropped, not extended.
-        headers.insert(X_FORWARDED_FOR.clone(), forwarded.peer.text.clone());
+    // An untrusted client's claims about where it comes from are dropped, not extended.
+    let list = (trusted && present.has(&X_FORWARDED_FOR))
+        .then(|| forwarded_for_list(headers, &forwarded.peer.text))
+        .flatten();
+    let list = list.unwrap_or_else(|| forwarded.peer.text.clone());
+    replace(headers, &X_FORWARDED_FOR, Some(list));
+    if !(trusted && present.has(&X_FORWARDED_PROTO)) {
+        let scheme = HeaderValue::from_static(forwarded.scheme);
+        replace(headers, &X_FORWARDED_PROTO, Some(scheme));
     }
-    if !keep(headers, &X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(forwarded.scheme),
-        );
-    }
-    headers.insert(X_FORWARDED_SERVER.clone(), forwarded.server_name.clone());
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    replace(
+        headers,
+        &X_FORWARDED_SERVER,
+        Some(forwarded.server_name.clone()),
+    );
+    replace(headers, &X_REQUEST_ID, Some(request_id.clone()));
+    extra
 }
 
-/// Appends the client to `X-Forwarded-For` as Apache does (a single header, comma list).
-fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+/// The client's `X-Forwarded-For` list with `client` appended, as Apache does (a single
+/// field, comma list); `None` when there is no usable list.
+fn forwarded_for_list(headers: &HeaderMap, client: &HeaderValue) -> Option<HeaderValue> {
     let previous = || {
         headers
             .get_all(&X_FORWARDED_FOR)
@@ -171,10 +213,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
             .filter_map(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if previous().next().is_none() {
-        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
-        return;
-    }
+    previous().next()?;
     // Measured first so that the value is one exact-size buffer, which `Bytes` then
     // takes over without copying or allocating its own header.
     let len = previous().map(|text| text.len() + 2).sum::<usize>() + client.len();
@@ -184,9 +223,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
         value.extend_from_slice(b", ");
     }
     value.extend_from_slice(client.as_bytes());
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
 }
 
 /// Room for the text of any IP address: C's `INET6_ADDRSTRLEN` less its NUL.
@@ -389,6 +426,16 @@ mod tests {
         map
     }
 
+    /// Every value of `name` the upstream gets: the map's, then the added ones.
+    fn sent(map: &HeaderMap, extra: &ExtraFields, name: &str) -> Vec<String> {
+        let from_map = map.get_all(name).iter();
+        let added = extra.iter().filter(|(n, _)| *n == name).map(|(_, v)| v);
+        from_map
+            .chain(added)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = headers(&[
@@ -418,16 +465,17 @@ mod tests {
             scheme: "https",
             server_name: &server,
         };
-        to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
+        let extra = to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
         assert_eq!(
             h["host"], "geonature.fr",
             "Host is set per server by the forward phase"
         );
-        assert_eq!(h["x-forwarded-host"], "geonature.fr");
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.1");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-server"], "proxy-host");
-        assert_eq!(h["x-request-id"], "id1");
+        let field = |name| sent(&h, &extra, name);
+        assert_eq!(field("x-forwarded-host"), ["geonature.fr"]);
+        assert_eq!(field("x-forwarded-for"), ["10.0.0.1, 192.0.2.1"]);
+        assert_eq!(field("x-forwarded-proto"), ["https"]);
+        assert_eq!(field("x-forwarded-server"), ["proxy-host"]);
+        assert_eq!(field("x-request-id"), ["id1"]);
     }
 
     #[test]
@@ -445,10 +493,11 @@ mod tests {
             scheme: "http",
             server_name: &server,
         };
-        to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
-        assert_eq!(h["x-forwarded-for"], "203.0.113.5");
-        assert_eq!(h["x-forwarded-host"], "gn.fr");
-        assert_eq!(h["x-forwarded-proto"], "http");
+        let extra = to_upstream(&mut h, &f, &HeaderValue::from_static("id1"));
+        let field = |name| sent(&h, &extra, name);
+        assert_eq!(field("x-forwarded-for"), ["203.0.113.5"]);
+        assert_eq!(field("x-forwarded-host"), ["gn.fr"]);
+        assert_eq!(field("x-forwarded-proto"), ["http"]);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::metrics::{self, Live, Stage, Tracked};
 use crate::route::{decoded_path, Route, RouteTable, Selection};
 use crate::server::io::{ExchangeUnderWay, WriteStallLimit};
 use crate::static_files;
-use crate::upstream::{Framing, PooledConnection, Upstream};
+use crate::upstream::{ExtraFields, Framing, PooledConnection, Upstream};
 
 use error::ErrorContext;
 pub use error::{ProxyError, TimerKind};
@@ -204,14 +204,15 @@ impl Proxy {
         let request_body = admit_body(route, &parts, prefix, body)?;
         let held = admit_route(route, upstream, client_ip, tracked).await?;
         let public_host = parts.headers.get(header::HOST).cloned();
-        let request = self.upstream_request(parts, request_body, client, &exchange.request_id);
+        let (request, extra) =
+            self.upstream_request(parts, request_body, client, &exchange.request_id);
         let forward = forward::Forward {
             upstream,
             timeouts: route.settings.timeouts,
             started: exchange.started,
             tracked,
         };
-        let (response, connection, slot) = forward.run(request).await?;
+        let (response, connection, slot) = forward.run(request, &extra).await?;
         exchange.response_header_after = Some(exchange.started.elapsed());
         let response = respond(
             response,
@@ -296,7 +297,7 @@ impl Proxy {
         body: RequestBody,
         client: &Client,
         request_id: &HeaderValue,
-    ) -> Request<RequestBody> {
+    ) -> (Request<RequestBody>, ExtraFields) {
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;
         *request.uri_mut() = origin_form(&parts.uri);
@@ -309,8 +310,8 @@ impl Proxy {
             scheme: client.scheme,
             server_name: &self.server_name,
         };
-        headers::to_upstream(request.headers_mut(), &forwarded, request_id);
-        request
+        let extra = headers::to_upstream(request.headers_mut(), &forwarded, request_id);
+        (request, extra)
     }
 
     /// The generated answer for a failure, logged at warn level with the same facts.

@@ -20,7 +20,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
-use super::codec::{self, Framing, Head, Malformed, Step};
+use super::codec::{self, ExtraFields, Framing, Head, Malformed, Step};
 use crate::body::{BodyError, RequestBody};
 use crate::config::UpstreamAddress;
 
@@ -184,13 +184,14 @@ impl Conn {
     pub async fn send(
         &mut self,
         request: &mut Request<RequestBody>,
+        extra: &ExtraFields,
         reused: bool,
         sent_at: tokio::time::Instant,
     ) -> Result<Response<Framing>, SendError> {
         self.clean = false;
         self.received = false;
         self.body_taken = false;
-        match self.exchange(request).await {
+        match self.exchange(request, extra).await {
             Ok(head) => Ok(self.accept(head)),
             Err(Failure::Body(error)) => Err(SendError::RequestBody(error)),
             Err(Failure::Wire(error)) => {
@@ -215,11 +216,15 @@ impl Conn {
         }
     }
 
-    async fn exchange(&mut self, request: &mut Request<RequestBody>) -> Result<Head, Failure> {
+    async fn exchange(
+        &mut self,
+        request: &mut Request<RequestBody>,
+        extra: &ExtraFields,
+    ) -> Result<Head, Failure> {
         let method = request.method().clone();
         let has_body = !request.body().is_end_stream();
         let chunked = has_body && !request.headers().contains_key(header::CONTENT_LENGTH);
-        let head = codec::encode_head(request, chunked);
+        let head = codec::encode_head(request, extra, chunked);
         self.upload_done = !has_body;
         let early = if has_body {
             self.upload(head, request.body_mut(), chunked, &method)

@@ -119,7 +119,11 @@ async fn probe(endpoint: &Arc<Endpoint>, path: &str) -> bool {
         return false;
     };
     match connection
-        .send(&mut request, tokio::time::Instant::now())
+        .send(
+            &mut request,
+            &super::ExtraFields::default(),
+            tokio::time::Instant::now(),
+        )
         .await
     {
         Ok(response) => response.status().is_success() || response.status().is_redirection(),

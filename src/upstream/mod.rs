@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Balance, UpstreamConfig};
 use crate::metrics::UpstreamMetrics;
-pub use codec::{Framing, Malformed};
+pub use codec::{ExtraFields, Framing, Malformed};
 pub use conn::{Pace, SendError, WireError};
 pub use pool::{ConnectError, Endpoint, PooledConnection};
 

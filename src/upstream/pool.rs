@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response};
 
-use super::codec::Framing;
+use super::codec::{ExtraFields, Framing};
 use super::conn::{Conn, SendError};
 use super::health::Health;
 use crate::body::RequestBody;
@@ -178,9 +178,10 @@ impl PooledConnection {
     pub async fn send(
         &mut self,
         request: &mut Request<RequestBody>,
+        extra: &ExtraFields,
         sent_at: tokio::time::Instant,
     ) -> Result<Response<Framing>, SendError> {
-        self.conn.send(request, self.reused, sent_at).await
+        self.conn.send(request, extra, self.reused, sent_at).await
     }
 
     /// The connection the response body is read from.
