@@ -13,6 +13,7 @@
 //! the socket "unwritable" for longer than the limit; and Linux 6.x keeps growing the
 //! send buffer of a connection whose peer advertises a zero window, so a client that
 //! reads nothing still makes room for more writes every few hundred milliseconds.
+
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
