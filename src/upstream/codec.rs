@@ -208,8 +208,8 @@ pub fn take_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Ma
         let mut spans = [(0, 0, 0, 0); MAX_HEADERS];
         let count = header_spans(buf.as_ptr(), parsed.headers, &mut spans);
         let head = buf.split_to(len).freeze();
-        let headers = header_map(&head, &spans[..count])?;
-        return Ok(Some(head_of(status, version, headers, method)?));
+        let (headers, connection) = header_map(&head, &spans[..count])?;
+        return Ok(Some(head_of(status, version, headers, connection, method)?));
     }
     Ok(None)
 }
@@ -248,34 +248,73 @@ fn header_spans(base: *const u8, headers: &[httparse::Header<'_>], spans: &mut [
 /// proxy adds: see [`header_map`].
 const NEXT_REQUEST_FIELDS: usize = 24;
 
-fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Malformed> {
+/// What the `Connection` fields of a response say about its connection.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectionTokens {
+    keep_alive: bool,
+    close: bool,
+}
+
+impl ConnectionTokens {
+    /// Notes one `Connection` line's tokens; says whether it holds nothing but
+    /// `keep-alive`.
+    fn note(&mut self, value: &[u8]) -> bool {
+        let mut only_keep_alive = true;
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                only_keep_alive = false;
+            }
+        }
+        only_keep_alive
+    }
+}
+
+fn header_map(head: &Bytes, spans: &[Span]) -> Result<(HeaderMap, ConnectionTokens), Malformed> {
     // Room for the `X-Request-ID` the response gets on its way to the client, and for
     // the connection's next request: hyper keeps a response's map, emptied, to parse
     // the next request head into, and that request gets six fields from the proxy. A
     // map too small for them grows (a new index table, the entries moved): 1,300
     // instructions a request (callgrind).
     let mut headers = HeaderMap::with_capacity(spans.len().max(NEXT_REQUEST_FIELDS) + 1);
+    let mut connection = ConnectionTokens::default();
     for &(name_start, name_end, value_start, value_end) in spans {
         let (name_start, name_end) = (usize::from(name_start), usize::from(name_end));
         let (value_start, value_end) = (usize::from(value_start), usize::from(value_end));
         let name = HeaderName::from_bytes(&head[name_start..name_end])
             .map_err(|_| Malformed::Head("invalid header name"))?;
+        // `Connection: keep-alive` and `Keep-Alive` concern this connection only and
+        // would be removed on the way to the client (RFC 9110 §7.6.1): never put in the
+        // map, they cost no insertion and no removal. A `Connection` line naming other
+        // fields, or `close`, goes in, for the hop-by-hop removal and the diagnosis of
+        // Gunicorn's worker kills to see.
+        let value = &head[value_start..value_end];
+        let skip = match name {
+            CONNECTION => connection.note(value),
+            _ => name.as_str() == "keep-alive",
+        };
+        if skip {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
             .map_err(|_| Malformed::Head("invalid header value"))?;
         headers.append(name, value);
     }
-    Ok(headers)
+    Ok((headers, connection))
 }
 
 fn head_of(
     status: StatusCode,
     version: Version,
     mut headers: HeaderMap,
+    connection: ConnectionTokens,
     method: &Method,
 ) -> Result<Head, Malformed> {
     let mut keep_alive = match version {
-        Version::HTTP_10 => has_token(&headers, CONNECTION, "keep-alive"),
-        _ => !has_token(&headers, CONNECTION, "close"),
+        Version::HTTP_10 => connection.keep_alive,
+        _ => !connection.close,
     };
     let bodiless = *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -319,10 +358,6 @@ fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> 
             .map(|t| t.trim_ascii())
             .filter(|t| !t.is_empty())
     })
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
@@ -529,6 +564,64 @@ mod tests {
         assert_eq!(
             *to_head.expect("valid").expect("complete").response.body(),
             Framing::Empty
+        );
+    }
+
+    #[test]
+    fn connection_fields_decide_reuse_and_only_what_the_client_needs_stays() {
+        let parsed = |bytes: &str| {
+            let head = head(bytes, Method::GET).expect("valid").expect("complete");
+            let names: Vec<String> = head
+                .response
+                .headers()
+                .keys()
+                .map(|n| n.as_str().to_owned())
+                .collect();
+            (head.keep_alive, names)
+        };
+        let cl = "Content-Length: 0\r\n\r\n";
+        // Hop-by-hop and about this connection only: kept out of the map.
+        assert_eq!(
+            parsed(&format!(
+                "HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5\r\n{cl}"
+            )),
+            (true, vec!["content-length".to_owned()])
+        );
+        assert_eq!(
+            parsed(&format!(
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n{cl}"
+            )),
+            (true, vec!["content-length".to_owned()])
+        );
+        // `close` stays for the worker-kill diagnosis; a named field stays for the
+        // hop-by-hop removal to find.
+        assert_eq!(
+            parsed(&format!("HTTP/1.1 500 Oops\r\nConnection: close\r\n{cl}")),
+            (
+                false,
+                vec!["connection".to_owned(), "content-length".to_owned()]
+            )
+        );
+        assert_eq!(
+            parsed(&format!(
+                "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\n{cl}"
+            )),
+            (
+                true,
+                vec![
+                    "connection".to_owned(),
+                    "x-secret".to_owned(),
+                    "content-length".to_owned()
+                ]
+            )
+        );
+        let (keep_alive, _) = parsed(&format!(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n{cl}"
+        ));
+        assert!(!keep_alive, "a close on any line closes");
+        assert_eq!(
+            parsed(&format!("HTTP/1.0 200 OK\r\n{cl}")),
+            (false, vec!["content-length".to_owned()])
         );
     }
 
