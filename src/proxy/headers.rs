@@ -36,14 +36,9 @@ const HOP_BY_HOP: [&HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One walk over the names finds the few present (most messages carry none, or
-    // only `Connection`), where removing all nine would hash and look up each of them.
-    let mut present = [false; HOP_BY_HOP.len()];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| *hop == name) {
-            present[i] = true;
-        }
-    }
+    // Most messages carry none of them, or only `Connection`: removing all nine would
+    // hash and look up each one.
+    let present = present(headers, &HOP_BY_HOP);
     if present[0] {
         remove_connection_options(headers);
     }
@@ -52,6 +47,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(*name);
         }
     }
+}
+
+/// Which of `names` `headers` holds, in one walk over its names: looking each up would
+/// hash it, byte by byte for a name `http` does not know.
+fn present<const N: usize>(headers: &HeaderMap, names: &[&HeaderName; N]) -> [bool; N] {
+    let mut present = [false; N];
+    for name in headers.keys() {
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            present[i] = true;
+        }
+    }
+    present
 }
 
 /// Removes the headers the `Connection` lines name, those lines left in place.
@@ -126,8 +133,7 @@ pub struct Forwarded<'a> {
     pub server_name: &'a HeaderValue,
 }
 
-/// The client's fields that [`to_upstream`] replaces or keeps, in [`ForwardedPresent`]'s
-/// order.
+/// The client's fields that [`to_upstream`] replaces or keeps.
 const FORWARDED: [&HeaderName; 5] = [
     &X_FORWARDED_HOST,
     &X_FORWARDED_FOR,
@@ -135,29 +141,6 @@ const FORWARDED: [&HeaderName; 5] = [
     &X_FORWARDED_SERVER,
     &X_REQUEST_ID,
 ];
-
-/// Which of [`FORWARDED`] the client sent: one walk over the names, where looking each
-/// up would hash it byte by byte (`http` does not know these names).
-struct ForwardedPresent([bool; FORWARDED.len()]);
-
-impl ForwardedPresent {
-    fn of(headers: &HeaderMap) -> ForwardedPresent {
-        let mut present = [false; FORWARDED.len()];
-        for name in headers.keys() {
-            if let Some(i) = FORWARDED.iter().position(|f| *f == name) {
-                present[i] = true;
-            }
-        }
-        ForwardedPresent(present)
-    }
-
-    fn has(&self, name: &HeaderName) -> bool {
-        FORWARDED
-            .iter()
-            .position(|f| *f == name)
-            .is_some_and(|i| self.0[i])
-    }
-}
 
 /// Rewrites a client request's headers for the upstream; returns the fields the proxy
 /// adds, which are written after the client's (see [`ExtraFields`]).
@@ -169,37 +152,35 @@ pub fn to_upstream(
     strip_hop_by_hop(headers);
     // We answer `Expect: 100-continue` ourselves when we start reading the body.
     headers.remove(header::EXPECT);
-    let present = ForwardedPresent::of(headers);
+    let [host_sent, for_sent, proto_sent, server_sent, id_sent] = present(headers, &FORWARDED);
     let trusted = forwarded.peer_trusted;
     let mut extra = ExtraFields::default();
-    let mut replace = |headers: &mut HeaderMap, name: &'static HeaderName, ours| {
-        if present.has(name) {
+    // The client's field goes, ours (if any) is added.
+    let mut replace = |headers: &mut HeaderMap, name: &'static HeaderName, sent, ours| {
+        if sent {
             headers.remove(name);
         }
         if let Some(value) = ours {
             extra.push(name, value);
         }
     };
-    if !(trusted && present.has(&X_FORWARDED_HOST)) {
+    if !(trusted && host_sent) {
         let host = headers.get(header::HOST).cloned();
-        replace(headers, &X_FORWARDED_HOST, host);
+        replace(headers, &X_FORWARDED_HOST, host_sent, host);
     }
     // An untrusted client's claims about where it comes from are dropped, not extended.
-    let list = (trusted && present.has(&X_FORWARDED_FOR))
+    let list = (trusted && for_sent)
         .then(|| forwarded_for_list(headers, &forwarded.peer.text))
         .flatten();
     let list = list.unwrap_or_else(|| forwarded.peer.text.clone());
-    replace(headers, &X_FORWARDED_FOR, Some(list));
-    if !(trusted && present.has(&X_FORWARDED_PROTO)) {
+    replace(headers, &X_FORWARDED_FOR, for_sent, Some(list));
+    if !(trusted && proto_sent) {
         let scheme = HeaderValue::from_static(forwarded.scheme);
-        replace(headers, &X_FORWARDED_PROTO, Some(scheme));
+        replace(headers, &X_FORWARDED_PROTO, proto_sent, Some(scheme));
     }
-    replace(
-        headers,
-        &X_FORWARDED_SERVER,
-        Some(forwarded.server_name.clone()),
-    );
-    replace(headers, &X_REQUEST_ID, Some(request_id.clone()));
+    let server = forwarded.server_name.clone();
+    replace(headers, &X_FORWARDED_SERVER, server_sent, Some(server));
+    replace(headers, &X_REQUEST_ID, id_sent, Some(request_id.clone()));
     extra
 }
 

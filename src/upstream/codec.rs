@@ -259,10 +259,10 @@ impl ConnectionTokens {
     /// `keep-alive`.
     fn note(&mut self, value: &[u8]) -> bool {
         let mut only_keep_alive = true;
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        for token in value_tokens(value) {
             if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
-            } else if !token.is_empty() {
+            } else {
                 self.close |= token.eq_ignore_ascii_case(b"close");
                 only_keep_alive = false;
             }
@@ -349,13 +349,18 @@ fn head_of(
 }
 
 fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(name).into_iter().flat_map(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(|t| t.trim_ascii())
-            .filter(|t| !t.is_empty())
-    })
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|value| value_tokens(value.as_bytes()))
+}
+
+/// The non-empty items of a comma-separated field value.
+fn value_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
