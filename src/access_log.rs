@@ -127,6 +127,8 @@ pub struct Exchange {
     metrics: Option<Arc<RouteMetrics>>,
     /// How long the upstream took to send its response head.
     pub response_header_after: Option<Duration>,
+    /// The route's idle time, which also bounds how long a client may take nothing.
+    pub client_idle: Option<Duration>,
     /// Why the transfer was cut short, if it was.
     outcome: Option<String>,
     /// The request's status-page entry: listed exactly as long as this record lives,
@@ -163,6 +165,7 @@ impl Exchange {
             bytes_sent: 0,
             metrics: None,
             response_header_after: None,
+            client_idle: None,
             outcome: None,
             listed: None,
             under_way: None,
@@ -182,6 +185,7 @@ impl Exchange {
     /// The route is known: name it in the log and count the exchange in its metrics.
     pub fn enter_route(&mut self, route: &Route) {
         self.route = route.name.clone();
+        self.client_idle = route.settings.timeouts.idle.0;
         route.metrics.in_flight.inc();
         self.metrics = Some(route.metrics.clone());
     }

@@ -186,6 +186,119 @@ async fn https_speaks_http2_when_the_client_offers_h2_and_the_upstream_stays_htt
     assert_eq!(seen.headers["host"], upstream.addr.to_string());
 }
 
+/// An HTTP/2 download of `total` bytes under a route whose idle time is [`STALL_IDLE`],
+/// with the client's stream window set to `window`; the upstream reports on `ended`
+/// how its stream ended.
+struct H2Download {
+    response: http::Response<hyper::body::Incoming>,
+    ended: mpsc::UnboundedReceiver<StreamEnd>,
+    _proxy: TestProxy,
+    _upstream: RunningUpstream,
+}
+
+const STALL_IDLE: Duration = Duration::from_millis(400);
+
+async fn h2_download(name: &str, total: u64, window: u32) -> H2Download {
+    let dir = scratch(name);
+    let cert = write_certificate(&dir);
+    let (ended_tx, ended) = mpsc::unbounded_channel();
+    let upstream = MockUpstream::new()
+        .route("/", move |_, seen| {
+            let ended_tx = ended_tx.clone();
+            async move { http::Response::new(watched_stream(total, 16 * 1024, seen, ended_tx)) }
+        })
+        .start()
+        .await;
+    let routes = r#"
+[defaults]
+timeouts = { idle = "5s" }
+[[routes]]
+name = "export"
+match = { path_prefix = "/export" }
+timeouts = { idle = "400ms" }
+"#;
+    let proxy = TestProxy::start(&(tls_config(&dir, "").await + routes), upstream.addr).await;
+    let (_, tls) = addresses(&proxy);
+    let io = TokioIo::new(tls_connect(tls, &cert, b"h2").await);
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .handshake(io)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get(format!("https://localhost:{}/export/all.csv", tls.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within(
+        Duration::from_secs(5),
+        "the head",
+        sender.send_request(request),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    H2Download {
+        response,
+        ended,
+        _proxy: proxy,
+        _upstream: upstream,
+    }
+}
+
+/// A browser on HTTP/2 that stops reading one download (it never reopens the stream's
+/// flow-control window) must not hold the upstream connection, and the Gunicorn worker
+/// behind it, for ever: the route's idle time bounds a stalled stream as it bounds a
+/// stalled HTTP/1 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_whose_client_stops_reading_is_cut_after_the_routes_idle_time() {
+    let mut download = h2_download("h2-stall", 1 << 30, 64 * 1024).await;
+    // The body is held and never read: the stream's window stays shut once full.
+    let stopped_reading = Instant::now();
+    let end = within(
+        Duration::from_secs(5),
+        "the upstream noticing the cut",
+        download.ended.recv(),
+    )
+    .await
+    .expect("the upstream reports how its stream ended");
+    assert!(end.cut, "the upstream's body was not dropped: {end:?}");
+    let after = end.at.into_std() - stopped_reading;
+    assert!(
+        after + Duration::from_millis(20) >= STALL_IDLE
+            && after <= STALL_IDLE + Duration::from_millis(2500),
+        "the upstream was cut {after:?} after the client stopped reading, for a {STALL_IDLE:?} idle time"
+    );
+    // The client is told the transfer failed; it never sees a clean end.
+    let read = within(
+        Duration::from_secs(5),
+        "the rest of the body",
+        download.response.into_body().collect(),
+    )
+    .await;
+    assert!(read.is_err(), "a cut stream must not end cleanly");
+}
+
+/// The guard counts time in which the client takes nothing, not the transfer's length:
+/// a client reading steadily for four times the idle time gets its whole download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_read_slowly_but_steadily_is_left_alone() {
+    const TOTAL: u64 = 512 * 1024;
+    let download = h2_download("h2-steady", TOTAL, 64 * 1024).await;
+    let mut body = download.response.into_body();
+    let mut received = 0u64;
+    let began = Instant::now();
+    while let Some(frame) = within(Duration::from_secs(5), "a frame", body.frame()).await {
+        let frame = frame.expect("the stream is not cut");
+        if let Ok(data) = frame.into_data() {
+            received += data.len() as u64;
+            // About 320 KiB/s: the whole body takes four times the idle time.
+            tokio::time::sleep(Duration::from_millis(50) * data.len() as u32 / (16 * 1024)).await;
+        }
+    }
+    assert_eq!(received, TOTAL);
+    assert!(began.elapsed() > STALL_IDLE * 3, "{:?}", began.elapsed());
+}
+
 #[tokio::test]
 async fn plain_http_redirects_to_https_except_acme_challenges() {
     let dir = scratch("redirect");

@@ -9,6 +9,7 @@
 //! any late failure into an aborted transfer, never a short body that looks complete.
 
 mod file;
+mod relay;
 mod response;
 
 use std::pin::Pin;
@@ -41,6 +42,14 @@ pub enum BodyError {
     UpstreamIdle(Duration),
     #[error("the exchange passed its total limit of {0:?}")]
     TotalElapsed(Duration),
+    #[error(
+        "the client took nothing for {0:?} (idle timer; its HTTP/2 stream window stayed shut)"
+    )]
+    ClientStalled(Duration),
+    /// What the client's side of a relayed body reports when the relay stopped early;
+    /// the relay itself logged why.
+    #[error("the transfer was cut short")]
+    Cut,
     #[error("reading the file from disk failed: {0}")]
     File(std::io::Error),
     #[error("compressing the response failed: {0}")]

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::relay::Relayed;
 use super::{BodyError, FileStream};
 use crate::access_log::Exchange;
 use crate::compress::Compressed;
@@ -34,6 +35,8 @@ enum Kind {
     /// Another body without its log record: the record stays outside and counts the
     /// compressed bytes.
     Compressed(Box<Compressed<ResponseBody>>),
+    /// Another body, with its record, relayed by a task of its own (HTTP/2).
+    Relayed(Relayed),
 }
 
 impl ResponseBody {
@@ -86,11 +89,26 @@ impl ResponseBody {
         self
     }
 
-    fn record_abort(&mut self, error: &BodyError) {
+    /// On HTTP/2, this body relayed so that a client which stops reading is cut after
+    /// the route's idle time (see `relay`). A body with nothing left to send holds
+    /// nothing and stays as it is.
+    pub fn guarded_against_stalls(self) -> ResponseBody {
+        let idle = self.exchange.as_ref().and_then(|ex| ex.client_idle);
+        let Some(idle) = idle.filter(|_| !self.is_end_stream()) else {
+            return self;
+        };
+        ResponseBody {
+            kind: Kind::Relayed(Relayed::spawn(self, idle)),
+            exchange: None,
+            held: None,
+        }
+    }
+
+    pub(super) fn record_abort(&mut self, error: &BodyError) {
         if let Some(ex) = self.exchange.as_deref_mut() {
             if let Some(m) = ex.metrics() {
                 match error {
-                    BodyError::UpstreamIdle(_) => m.timeouts[2].inc(),
+                    BodyError::UpstreamIdle(_) | BodyError::ClientStalled(_) => m.timeouts[2].inc(),
                     BodyError::TotalElapsed(_) => m.timeouts[3].inc(),
                     _ => {}
                 }
@@ -121,6 +139,7 @@ impl Body for ResponseBody {
             Kind::Upstream(stream) => stream.poll_data(cx),
             Kind::File(file) => file.poll_data(cx),
             Kind::Compressed(body) => Pin::new(body.as_mut()).poll_frame(cx),
+            Kind::Relayed(relayed) => relayed.poll_data(cx),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -140,6 +159,7 @@ impl Body for ResponseBody {
             Kind::Upstream(stream) => stream.framing.is_end(),
             Kind::File(file) => file.remaining() == 0,
             Kind::Compressed(body) => body.is_end_stream(),
+            Kind::Relayed(relayed) => relayed.is_end(),
         }
     }
 
@@ -152,6 +172,7 @@ impl Body for ResponseBody {
             },
             Kind::File(file) => SizeHint::with_exact(file.remaining()),
             Kind::Compressed(body) => body.size_hint(),
+            Kind::Relayed(relayed) => relayed.size_hint(),
         }
     }
 }

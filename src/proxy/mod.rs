@@ -119,6 +119,7 @@ impl Proxy {
         under_way: ExchangeUnderWay,
     ) -> Response<ResponseBody> {
         let (mut parts, body) = request.into_parts();
+        let http2 = parts.version == Version::HTTP_2;
         let malformed = conformance::check(&parts).err();
         authority_as_host(&mut parts);
         let request_id = self.request_ids.for_request(&parts.headers);
@@ -158,7 +159,11 @@ impl Proxy {
         exchange.status = response.status().as_u16();
         live.tracked.set_stage(Stage::Streaming);
         exchange.keep_listed(live);
-        response.map(|body| body.logged(exchange))
+        let response = response.map(|body| body.logged(exchange));
+        if http2 {
+            return response.map(ResponseBody::guarded_against_stalls);
+        }
+        response
     }
 
     async fn proxy(
