@@ -7,18 +7,43 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::CertificateDer;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn proxy_with(extra_server: &str) -> (RunningUpstream, TestProxy) {
+    proxy_with_tls(extra_server, None).await
+}
+
+/// An HTTPS proxy too, with a certificate made for the test (trusted by its clients).
+async fn tls_proxy(name: &str) -> (RunningUpstream, TestProxy, CertificateDer<'static>) {
+    let dir = std::env::temp_dir().join(format!("qp-keepalive-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = write_certificate(&dir);
+    let (upstream, proxy) = proxy_with_tls("", Some(&dir)).await;
+    (upstream, proxy, cert)
+}
+
+async fn proxy_with_tls(
+    extra_server: &str,
+    tls: Option<&std::path::Path>,
+) -> (RunningUpstream, TestProxy) {
     let upstream = MockUpstream::new()
         .text("/small", "small")
         .delayed("/slow", Duration::from_millis(600), "slow")
         .start()
         .await;
+    let tls = tls.map_or(String::new(), |dir| {
+        format!(
+            "[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncertificate = \"{}\"\nkey = \"{}\"\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        )
+    });
     let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n{extra_server}\n{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n{extra_server}\n{tls}{}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         config_with_defaults("{ response_header = \"5s\" }")
     );
     let proxy = TestProxy::start(&config, upstream.addr).await;
@@ -30,7 +55,7 @@ fn request(path: &str) -> Vec<u8> {
 }
 
 /// Sends `bytes` and reads one response, which must be a 200 with the connection kept.
-async fn exchange(stream: &mut TcpStream, bytes: &[u8], body: &str) {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], body: &str) {
     stream.write_all(bytes).await.unwrap();
     let response = within(Duration::from_secs(5), "a response", read_response(stream)).await;
     assert_eq!(response.status, 200);
@@ -79,22 +104,59 @@ async fn until_closed(stream: &mut TcpStream) -> (Vec<u8>, Instant) {
     (rest, Instant::now())
 }
 
-#[tokio::test]
-async fn a_connection_parked_between_requests_serves_each_next_one() {
-    let (_upstream, proxy) = proxy_with("").await;
-    let mut stream = used_connection(&proxy).await;
+/// Parks `stream`, a connection that has had one exchange, three times over, with a
+/// request after each; then closes it.
+async fn parks_between_requests<S: AsyncRead + AsyncWrite + Unpin>(
+    proxy: &TestProxy,
+    mut stream: S,
+) {
     for _ in 0..3 {
-        until_parked(&proxy, 1).await;
+        until_parked(proxy, 1).await;
         exchange(&mut stream, &request("/small"), "small").await;
     }
     drop(stream);
-    until_parked(&proxy, 0).await;
+    until_parked(proxy, 0).await;
+}
+
+#[tokio::test]
+async fn a_connection_parked_between_requests_serves_each_next_one() {
+    let (_upstream, proxy) = proxy_with("").await;
+    let stream = used_connection(&proxy).await;
+    parks_between_requests(&proxy, stream).await;
+}
+
+/// On HTTPS the hyper session is taken off the TLS stream; the TLS session stays.
+#[tokio::test]
+async fn a_tls_connection_parked_between_requests_serves_each_next_one() {
+    let (_upstream, proxy, cert) = tls_proxy("parks").await;
+    let tls = proxy.tls_addr.expect("an HTTPS listener");
+    let mut stream = tls_connect(tls, &cert, b"http/1.1").await;
+    exchange(&mut stream, &request("/small"), "small").await;
+    parks_between_requests(&proxy, stream).await;
 }
 
 #[tokio::test]
 async fn a_request_head_split_across_a_park_arrives_whole() {
     let (upstream, proxy) = proxy_with("").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    head_split_across_a_park(&upstream, &proxy, stream).await;
+}
+
+/// What the old session left unparsed is decrypted text: it must reach the next session
+/// as such, not go through TLS again.
+#[tokio::test]
+async fn a_request_head_split_across_a_park_arrives_whole_over_tls() {
+    let (upstream, proxy, cert) = tls_proxy("split").await;
+    let tls = proxy.tls_addr.expect("an HTTPS listener");
+    let stream = tls_connect(tls, &cert, b"http/1.1").await;
+    head_split_across_a_park(&upstream, &proxy, stream).await;
+}
+
+async fn head_split_across_a_park<S: AsyncRead + AsyncWrite + Unpin>(
+    upstream: &RunningUpstream,
+    proxy: &TestProxy,
+    mut stream: S,
+) {
     // The first request and the start of the second in one write: the second's
     // beginning sits unparsed in the session when it is parked.
     let mut first = request("/small");
@@ -104,7 +166,7 @@ async fn a_request_head_split_across_a_park_arrives_whole() {
     // nothing to wait for: 12 park delays. Removing the carry-over fails this test.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        parked(&proxy).await,
+        parked(proxy).await,
         0,
         "a pending head is served, not parked"
     );

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::io::{Activity, ClientStream, WriteStallLimit};
+use super::io::{Activity, ClientStream, OnSocket, Resumable, WriteStallLimit};
 use super::{ListenerKind, Shared, Stop};
 use crate::admin::ServerGauges;
 use crate::body::ResponseBody;
@@ -38,14 +38,14 @@ const CLIENT_BUFFER: usize = 16 * 1024;
 /// An HTTP/1 connection with no exchange under way and nothing read for this long
 /// gives back its hyper session (parser state, read buffer, timers) and waits on the
 /// bare socket, as nginx frees a keep-alive connection's buffers: ten thousand idle
-/// browsers then cost little more than their sockets. Short enough that connections
-/// opened in a burst are parked before the next burst; long enough that a busy
-/// connection, whose next request follows within microseconds, never pays for a new
-/// session.
+/// browsers then cost little more than their sockets (and their TLS sessions, on
+/// HTTPS). Short enough that connections opened in a burst are parked before the next
+/// burst; long enough that a busy connection, whose next request follows within
+/// microseconds, never pays for a new session.
 const PARK_AFTER: Duration = Duration::from_millis(25);
 
-/// hyper's HTTP/1 session for one client connection, on the plain listener.
-type PlainSession<S> = http1::Connection<TokioIo<ClientStream<TcpStream>>, S>;
+/// hyper's HTTP/1 session on one client connection, plain or TLS.
+type Session<I, S> = http1::Connection<TokioIo<I>, S>;
 
 /// The future a request is served by: boxed, because hyper keeps it inline in each
 /// connection's state (an unboxed one would cost every idle connection its full size),
@@ -102,9 +102,12 @@ pub async fn serve(
     if secure {
         // Boxed: inline, the TLS state would set the size of every connection's task,
         // plain ones included, for their whole life.
-        Box::pin(serve_secure(stream, peer, service, shared, stopped)).await;
+        Box::pin(serve_secure(
+            stream, peer, service, &activity, shared, stopped,
+        ))
+        .await;
     } else {
-        serve_plain(stream, service, &activity, &shared, stopped).await;
+        serve_http1(Resumable::new(stream), service, &activity, &shared, stopped).await;
     }
 }
 
@@ -112,6 +115,7 @@ async fn serve_secure<Svc>(
     stream: ClientStream<TcpStream>,
     peer: SocketAddr,
     service: Svc,
+    activity: &Activity,
     shared: Arc<Shared>,
     stopped: watch::Receiver<Stop>,
 ) where
@@ -126,9 +130,12 @@ async fn serve_secure<Svc>(
         tokio::time::timeout(runtime.header_read_timeout, acceptor.accept(stream)).await;
     drop(runtime);
     match handshake {
+        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+            serve_h2(tls, peer, service, stopped).await;
+        }
         Ok(Ok(tls)) => {
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_tls(tls, h2, peer, service, &shared, stopped).await;
+            let stream = Resumable::new(tls);
+            serve_http1(stream, service, activity, &shared, stopped).await;
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -165,29 +172,15 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     builder
 }
 
-async fn serve_tls<S, Svc>(
-    io: S,
-    h2: bool,
-    peer: SocketAddr,
-    service: Svc,
-    shared: &Shared,
-    stopped: watch::Receiver<Stop>,
-) where
+async fn serve_h2<S, Svc>(io: S, peer: SocketAddr, service: Svc, stopped: watch::Receiver<Stop>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: ClientService,
 {
-    let io = TokioIo::new(io);
-    let result = if h2 {
-        let connection = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .serve_connection(io, service);
-        until_drained(connection, stopped).await
-    } else {
-        let header_read_timeout = shared.runtime.load().header_read_timeout;
-        let connection = http1_builder(header_read_timeout).serve_connection(io, service);
-        until_drained(connection, stopped).await
-    };
-    if let Err(e) = result {
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = until_drained(connection, stopped).await {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }
@@ -218,15 +211,16 @@ enum SessionEnd {
     Dropped,
 }
 
-/// Serves a plain-HTTP client, one hyper session at a time: a session that goes idle
-/// is parked (see [`PARK_AFTER`]) and a new one starts when the client sends again.
-async fn serve_plain<Svc>(
-    mut stream: ClientStream<TcpStream>,
+/// Serves an HTTP/1 client, one hyper session at a time: a session that goes idle is
+/// parked (see [`PARK_AFTER`]) and a new one starts when the client sends again.
+async fn serve_http1<S, Svc>(
+    mut stream: Resumable<S>,
     mut service: Svc,
     activity: &Activity,
     shared: &Shared,
     mut stopped: watch::Receiver<Stop>,
 ) where
+    S: OnSocket + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: ClientService,
 {
     let keepalive = shared.runtime.load().header_read_timeout;
@@ -274,7 +268,7 @@ async fn serve_plain<Svc>(
         let idle_left = keepalive.saturating_sub(park_after);
         let _counted = ParkedMark::new(&shared.parked);
         let expired = tokio::select! {
-            ready = stream.get_ref().readable() => match ready {
+            ready = stream.socket().readable() => match ready {
                 Ok(()) => continue,
                 Err(_) => return,
             },
@@ -289,14 +283,15 @@ async fn serve_plain<Svc>(
 }
 
 /// Runs a session until it ends, is parked, or the server stops.
-async fn drive<Svc>(
-    session: &mut PlainSession<Svc>,
+async fn drive<I, Svc>(
+    session: &mut Session<I, Svc>,
     activity: &Activity,
     park_after: Duration,
     may_park: bool,
     stopped: &mut watch::Receiver<Stop>,
 ) -> SessionEnd
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: ClientService,
 {
     let stopping = match run_until_idle(session, activity, park_after, may_park, stopped).await {
@@ -322,14 +317,15 @@ where
 
 /// Runs a session until it ends (`Closed`), has been idle for `park_after` and may be
 /// parked (`Parked`), or the server stops (`Dropped`: the caller decides what of it).
-async fn run_until_idle<Svc>(
-    session: &mut PlainSession<Svc>,
+async fn run_until_idle<I, Svc>(
+    session: &mut Session<I, Svc>,
     activity: &Activity,
     park_after: Duration,
     mut may_park: bool,
     stopped: &mut watch::Receiver<Stop>,
 ) -> SessionEnd
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: ClientService,
 {
     let began = activity.snapshot();

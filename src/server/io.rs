@@ -13,6 +13,9 @@
 //! the socket "unwritable" for longer than the limit; and Linux 6.x keeps growing the
 //! send buffer of a connection whose peer advertises a zero window, so a client that
 //! reads nothing still makes room for more writes every few hundred milliseconds.
+//!
+//! [`Resumable`] carries, across a park, what an idle HTTP/1 session had read but not
+//! parsed.
 
 use std::io;
 use std::pin::Pin;
@@ -26,6 +29,7 @@ use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
 
 /// The longest a write may stay blocked on this connection; set per request.
 #[derive(Debug, Clone, Default)]
@@ -114,8 +118,6 @@ pub struct ClientStream<S> {
     stalled: bool,
     /// What the client had acknowledged when the current stall window began.
     acked_before_stall: Option<u64>,
-    /// Bytes read from the socket that a previous HTTP/1 session left unparsed.
-    unread: Bytes,
     activity: Arc<Activity>,
 }
 
@@ -127,18 +129,8 @@ impl<S> ClientStream<S> {
             timer: None,
             stalled: false,
             acked_before_stall: None,
-            unread: Bytes::new(),
             activity,
         }
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// Bytes to hand out before reading the socket again.
-    pub fn unread(&mut self, bytes: Bytes) {
-        self.unread = bytes;
     }
 
     /// Passes a write's result on, running the stall guard while it is pending.
@@ -239,15 +231,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.unread.is_empty() {
-            let n = self.unread.len().min(buf.remaining());
-            buf.put_slice(&self.unread.split_to(n));
-            if self.unread.is_empty() {
-                // An empty slice still holds the old session's whole read buffer.
-                self.unread = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -287,5 +270,98 @@ impl<S: AsyncWrite + AckedBytes + Unpin> AsyncWrite for ClientStream<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A client stream an idle HTTP/1 session can be taken off, and a new session put on
+/// once the client sends again (see `server::connection`). What the old session read
+/// but left unparsed is handed out first; on TLS it is decrypted text, so it is kept
+/// here, above every layer of the stream.
+pub struct Resumable<S> {
+    stream: S,
+    unread: Bytes,
+}
+
+/// A stream whose socket can be waited on while no session reads it.
+pub trait OnSocket {
+    fn socket(&self) -> &TcpStream;
+}
+
+impl OnSocket for ClientStream<TcpStream> {
+    fn socket(&self) -> &TcpStream {
+        &self.inner
+    }
+}
+
+impl OnSocket for TlsStream<ClientStream<TcpStream>> {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0.socket()
+    }
+}
+
+impl<S: OnSocket> Resumable<S> {
+    pub fn new(stream: S) -> Resumable<S> {
+        Resumable {
+            stream,
+            unread: Bytes::new(),
+        }
+    }
+
+    /// Bytes the old session read but left unparsed, for the next one.
+    pub fn unread(&mut self, bytes: Bytes) {
+        self.unread = bytes;
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        self.stream.socket()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Resumable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.unread.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread.split_to(n));
+        if self.unread.is_empty() {
+            // An empty slice still holds the old session's whole read buffer.
+            self.unread = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Resumable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

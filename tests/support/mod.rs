@@ -21,10 +21,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use quadrige_proxy::server::ListenerKind;
 use quadrige_proxy::{Config, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 pub type MockBody = BoxBody<Bytes, std::io::Error>;
 type Handler = Arc<
@@ -422,7 +425,7 @@ pub async fn post(addr: SocketAddr, path: &str, headers: &str, body: &[u8]) -> R
 }
 
 /// Reads one response; the body ends at Content-Length, the final chunk, or EOF.
-pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> RawResponse {
     let mut buf = Vec::new();
     let head_len = loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -471,7 +474,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
     }
 }
 
-async fn read_exact_or_eof(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) {
+async fn read_exact_or_eof<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, len: usize) {
     let mut chunk = vec![0u8; 64 * 1024];
     while buf.len() < len {
         match stream.read(&mut chunk).await {
@@ -481,7 +484,7 @@ async fn read_exact_or_eof(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize
     }
 }
 
-async fn read_chunked(stream: &mut TcpStream, mut raw: Vec<u8>) -> (Vec<u8>, bool) {
+async fn read_chunked<S: AsyncRead + Unpin>(stream: &mut S, mut raw: Vec<u8>) -> (Vec<u8>, bool) {
     let mut body = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -1355,4 +1358,37 @@ impl Drop for DropSignal {
             let _ = tx.send(());
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// TLS clients.
+
+/// Writes a fresh self-signed certificate for `localhost`; returns its DER.
+pub fn write_certificate(dir: &Path) -> CertificateDer<'static> {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), generated.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), generated.signing_key.serialize_pem()).unwrap();
+    generated.cert.der().clone()
+}
+
+/// Opens a TLS connection trusting only `trusted`, offering `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    trusted: &CertificateDer<'static>,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the proxy")
 }
