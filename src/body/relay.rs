@@ -95,6 +95,8 @@ async fn relay(mut body: ResponseBody, items: mpsc::Sender<Item>, idle: Duration
             None => None,
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => Some(Ok(data)),
+                // Not data: trailers, which the upstream codec already reads and drops,
+                // so none come here.
                 Err(_) => continue,
             },
             Some(Err(e)) => Some(Err(e)),
