@@ -315,8 +315,9 @@ upstream_counters() {
 run_wrk() {
     local test=$1 t=$2 round=$3 method=GET extra=() out rc=0
     case $test in post) method=POST ;; close) extra=(-H 'Connection: close') ;; esac
-    local c0 u0 t0 c1 u1 t1 a0 r0 a1 r1 sb0 st0 sb1 st1 cb0 ct0 cb1 ct1
+    local c0 k0 u0 t0 c1 k1 u1 t1 a0 r0 a1 r1 sb0 st0 sb1 st1 cb0 ct0 cb1 ct1
     read -r a0 r0 <<< "$(upstream_counters)"
+    k0=$(procstat cpu-kernel "${PID[$t]}")
     c0=$(procstat cpu "${PID[$t]}"); u0=$(procstat cpu "${PID[upstream]}"); t0=$(date +%s.%N)
     read -r sb0 st0 <<< "$(core_ticks "$SERVER_CPU")"; read -r cb0 ct0 <<< "$(core_ticks "$CLIENT_CPU")"
     out=$(WRK_METHOD=$method on_client timeout $((DURATION + 20)) wrk -t1 -c"$CONNS" -d"${DURATION}s" \
@@ -324,6 +325,7 @@ run_wrk() {
         "http://127.0.0.1:${PORT[$t]}/small" 2>&1) || rc=$?
     read -r sb1 st1 <<< "$(core_ticks "$SERVER_CPU")"; read -r cb1 ct1 <<< "$(core_ticks "$CLIENT_CPU")"
     t1=$(date +%s.%N); c1=$(procstat cpu "${PID[$t]}"); u1=$(procstat cpu "${PID[upstream]}")
+    k1=$(procstat cpu-kernel "${PID[$t]}")
     read -r a1 r1 <<< "$(upstream_counters)"
     local server_busy client_busy
     server_busy=$(calc "($sb1 - $sb0) / ($st1 - $st0 + 0.001) * 100")
@@ -343,12 +345,13 @@ run_wrk() {
     local errors=$((w[err_connect] + w[err_read] + w[err_write] + w[err_status] + w[err_timeout]))
     local detail=""
     ((errors)) && detail="connect ${w[err_connect]}, read ${w[err_read]}, write ${w[err_write]}, non-2xx/3xx ${w[err_status]}, timeout ${w[err_timeout]}"
-    local rps cpu ucpu elapsed cpu_us
+    local rps cpu ucpu elapsed cpu_us kernel_us
     rps=$(calc "${w[requests]} / (${w[duration_us]} / 1e6)")
     elapsed=$(calc "$t1 - $t0")
     cpu=$(calc "($c1 - $c0) / $CLK_TCK / $elapsed * 100")
     ucpu=$(calc "($u1 - $u0) / $CLK_TCK / $elapsed * 100")
     cpu_us=$(calc "($c1 - $c0) / $CLK_TCK / (${w[requests]} + 1) * 1e6")
+    kernel_us=$(calc "($k1 - $k0) / $CLK_TCK / (${w[requests]} + 1) * 1e6")
     # A read error on a `Connection: close` run is the server closing as told: not a failure.
     local ok=true
     if [[ $test == close ]]; then
@@ -356,11 +359,11 @@ run_wrk() {
         ((errors)) && detail="connect ${w[err_connect]}, write ${w[err_write]}, non-2xx/3xx ${w[err_status]}, timeout ${w[err_timeout]}"
     fi
     ((errors * 100 > w[requests])) && ok=false   # over 1 % errors: not a valid figure
-    printf '{"test":"%s","target":"%s","round":%d,"ok":%s,"requests":%d,"secs":%s,"rps":%s,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"errors":%d,"error_detail":"%s","cpu_pct":%s,"upstream_cpu_pct":%s,"cpu_us_per_req":%s,"upstream_conns":%d,"upstream_reqs":%d,"server_core_busy_pct":%s,"client_core_busy_pct":%s}\n' \
+    printf '{"test":"%s","target":"%s","round":%d,"ok":%s,"requests":%d,"secs":%s,"rps":%s,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"errors":%d,"error_detail":"%s","cpu_pct":%s,"upstream_cpu_pct":%s,"cpu_us_per_req":%s,"kernel_us_per_req":%s,"upstream_conns":%d,"upstream_reqs":%d,"server_core_busy_pct":%s,"client_core_busy_pct":%s}\n' \
         "$test" "$t" "$round" "$ok" "${w[requests]}" "$(calc "${w[duration_us]} / 1e6")" "$rps" \
-        "${w[p50_us]}" "${w[p90_us]}" "${w[p99_us]}" "${w[max_us]}" "$errors" "$detail" "$cpu" "$ucpu" "$cpu_us" \
+        "${w[p50_us]}" "${w[p90_us]}" "${w[p99_us]}" "${w[max_us]}" "$errors" "$detail" "$cpu" "$ucpu" "$cpu_us" "$kernel_us" \
         "$up_conns" "$up_reqs" "$server_busy" "$client_busy" >> "$RAW"
-    log "  $test $t: $(printf '%.0f' "$rps") req/s, p50 $((w[p50_us]))µs p99 $((w[p99_us]))µs, errors $errors, CPU ${cpu%.*}% (upstream ${ucpu%.*}%), $(printf '%.1f' "$cpu_us") µs/request; upstream saw $up_conns connections, $up_reqs requests; cores busy: server ${server_busy%.*}%, client ${client_busy%.*}%"
+    log "  $test $t: $(printf '%.0f' "$rps") req/s, p50 $((w[p50_us]))µs p99 $((w[p99_us]))µs, errors $errors, CPU ${cpu%.*}% (upstream ${ucpu%.*}%), $(printf '%.1f' "$cpu_us") µs/request ($(printf '%.1f' "$kernel_us") in the kernel); upstream saw $up_conns connections, $up_reqs requests; cores busy: server ${server_busy%.*}%, client ${client_busy%.*}%"
 }
 
 # One 1 GiB download or upload through one target.

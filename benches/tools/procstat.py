@@ -4,6 +4,7 @@
   procstat.py rss PID                 RSS of PID and its descendants, in KiB (one line)
   procstat.py mem PID                 rss_kib=N pss_kib=N of the tree
   procstat.py cpu PID                 utime+stime of the tree, in clock ticks
+  procstat.py cpu-kernel PID          stime of the tree (time spent in the kernel), in ticks
   procstat.py threads PID             threads of the tree
   procstat.py sample PID SECS STEP    sample the tree's RSS every STEP s for SECS s (or
                                       until the file named by $STOP_FILE exists), then
@@ -75,7 +76,8 @@ def pss(pids):
     return total
 
 
-def cpu_ticks(pids):
+def cpu_ticks(pids, fields_wanted=(11, 12)):
+    """utime (field 11 after the command name) and stime (12), summed over `pids`."""
     total = 0
     for pid in pids:
         try:
@@ -84,7 +86,7 @@ def cpu_ticks(pids):
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
+        total += sum(int(fields[i]) for i in fields_wanted)
     return total
 
 
@@ -97,6 +99,8 @@ def main():
         print(f"rss_kib={rss(pids)} pss_kib={pss(pids)}")
     elif cmd == "cpu":
         print(cpu_ticks(tree(root)))
+    elif cmd == "cpu-kernel":
+        print(cpu_ticks(tree(root), fields_wanted=(12,)))
     elif cmd == "threads":
         print(sum(status_kib(p, "Threads") for p in tree(root)))
     elif cmd == "sample":

@@ -83,6 +83,9 @@ def main():
                      {t: ms(med(test, t, "p99_us")) for t in TARGETS}))
         rows.append((f"{label}: CPU per request (µs; proxy, or upstream alone)", "us",
                      {t: med(test, t, "cpu_us_per_req") for t in TARGETS}))
+        rows.append((f"{label}: of which in the kernel (µs; system time: the same system "
+                     f"calls cost every proxy the same)", "us",
+                     {t: med(test, t, "kernel_us_per_req") for t in TARGETS}))
         rows.append((f"{label}: upstream connections opened per 1,000 requests", "n1",
                      {t: median([per_k(r) for r in raw if r["test"] == test
                                  and r["target"] == t and r.get("ok", True)])
