@@ -187,7 +187,11 @@ impl Exposition {
     {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in rows {
-            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+            if labels.is_empty() {
+                let _ = writeln!(self.out, "{name} {value}");
+            } else {
+                let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+            }
         }
     }
 
@@ -405,6 +409,16 @@ impl Drop for LiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_without_labels_is_written_without_braces() {
+        let mut e = Exposition::new();
+        e.family("g", "gauge", "help", [(String::new(), 2.0)]);
+        e.family("c", "counter", "help", [("route=\"r\"".to_string(), 1.0)]);
+        let out = e.finish();
+        assert!(out.contains("\ng 2\n"), "{out}");
+        assert!(out.contains("\nc{route=\"r\"} 1\n"), "{out}");
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_when_rendered() {

@@ -76,7 +76,7 @@ async fn parked(proxy: &TestProxy) -> usize {
     let metrics = get(admin, "/metrics", "").await.text();
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("quadrige_client_connections_parked{} "))
+        .find_map(|l| l.strip_prefix("quadrige_client_connections_parked "))
         .and_then(|v| v.parse().ok())
         .expect("the parked gauge is exported")
 }
