@@ -101,6 +101,9 @@ fn write_lines(receiver: Receiver<String>, mut writer: Box<dyn Write + Send>) {
     }
 }
 
+/// nginx's status for a request whose client left before the response head.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// What the log phase needs to know about one request.
 ///
 /// It lives as long as the response body, minutes for a big download, so it keeps
@@ -199,6 +202,31 @@ impl Exchange {
         self.outcome = Some(reason);
     }
 
+    /// The response body was dropped before its end with no other reason recorded: the
+    /// client left, or the server stopped after its grace. A HEAD response's body is
+    /// never sent, so it is not one.
+    pub fn body_left_unfinished(&mut self) {
+        if self.outcome.is_none() && self.method != Method::HEAD {
+            self.outcome = Some(format!(
+                "the connection to the client closed after {} bytes of the response body",
+                self.bytes_sent
+            ));
+        }
+    }
+
+    /// No response head was ever sent: the client left while the request was queued or
+    /// the upstream was working (or the server stopped after its grace). Logged as nginx
+    /// does (499, "client closed request"), not as a status 0 that log tools reject.
+    fn record_closed_before_head(&mut self) {
+        self.status = CLIENT_CLOSED_REQUEST;
+        if self.outcome.is_none() {
+            self.outcome = Some(format!(
+                "the connection to the client closed before the response head, after {} ms",
+                self.started.elapsed().as_millis()
+            ));
+        }
+    }
+
     fn combined_line(&self) -> String {
         let mut line = String::with_capacity(256);
         let _ = write!(line, "{} - - [", self.client);
@@ -284,6 +312,10 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        let cut_after_head = self.outcome.is_some();
+        if self.status == 0 {
+            self.record_closed_before_head();
+        }
         if let Some(m) = &self.metrics {
             m.in_flight.dec();
             m.record_status(self.status);
@@ -292,7 +324,7 @@ impl Drop for Exchange {
                 m.response_header_seconds.observe(head);
             }
             m.bytes_sent.add(self.bytes_sent);
-            if self.outcome.is_some() {
+            if cut_after_head {
                 m.aborted.inc();
             }
         }

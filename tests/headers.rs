@@ -453,3 +453,97 @@ async fn the_json_access_log_line_carries_route_and_request_id() {
     assert!(lines[1].contains(r#""route":"(defaults)""#), "{}", lines[1]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Both ways a client can leave, and the completed exchanges that must not look cut.
+fn leaving_upstream() -> MockUpstream {
+    MockUpstream::new()
+        .delayed("/geonature/api/slow", Duration::from_secs(5), "late")
+        .route("/geonature/api/stream", |_, _| async move {
+            Response::new(trickle_stream(&[b'x'; 1000], Duration::from_millis(20)))
+        })
+        .text("/geonature/api/done", "complete")
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_is_logged_as_nginx_does_and_says_when() {
+    let dir = temp_dir("access-client-left");
+    let path = dir.join("access.log");
+    let upstream = leaving_upstream().start().await;
+    let proxy = TestProxy::start(&log_config(&path, "json"), upstream.addr).await;
+
+    // Before the response head: the upstream is still working when the client leaves.
+    let waiting = open(
+        proxy.addr,
+        b"GET /geonature/api/slow HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(waiting);
+    let lines = access_lines(&path, 1).await;
+    assert!(
+        lines[0].contains(r#""status":499,"bytes":0"#),
+        "{}",
+        lines[0]
+    );
+    // Recorded when the client left, not when the upstream answered 5 s later.
+    let after_ms = regex::Regex::new(
+        r#""aborted":"the connection to the client closed before the response head, after (\d+) ms""#,
+    )
+    .unwrap()
+    .captures(&lines[0])
+    .and_then(|c| c[1].parse::<u64>().ok());
+    assert!(
+        after_ms.is_some_and(|ms| (300..4000).contains(&ms)),
+        "{}",
+        lines[0]
+    );
+
+    // In the middle of the body.
+    let mut reading = open(
+        proxy.addr,
+        b"GET /geonature/api/stream HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    let (head, _) = read_response_head(&mut reading).await;
+    assert_eq!(head.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(reading);
+    let lines = access_lines(&path, 2).await;
+    assert!(lines[1].contains(r#""status":200"#), "{}", lines[1]);
+    assert!(
+        lines[1].contains(r#""aborted":"the connection to the client closed after "#),
+        "{}",
+        lines[1]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn complete_get_and_head_exchanges_are_not_logged_as_cut() {
+    let dir = temp_dir("access-complete");
+    let path = dir.join("access.log");
+    let upstream = leaving_upstream().start().await;
+    let proxy = TestProxy::start(&log_config(&path, "json"), upstream.addr).await;
+    let full = get(proxy.addr, "/geonature/api/done", "").await;
+    assert_eq!(full.text(), "complete");
+    let head = raw_request(
+        proxy.addr,
+        b"HEAD /geonature/api/done HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    // A response the proxy writes itself, with a JSON body HEAD never sends.
+    let long_target = format!("/geonature/api/{}", "a".repeat(9000));
+    let refused = raw_request(
+        proxy.addr,
+        format!("HEAD {long_target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status, 414);
+    let lines = access_lines(&path, 3).await;
+    for line in &lines {
+        assert!(!line.contains("aborted"), "{line}");
+        assert!(!line.contains(r#""status":499"#), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

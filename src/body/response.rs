@@ -125,6 +125,16 @@ impl ResponseBody {
     }
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if !self.is_end_stream() {
+            if let Some(ex) = self.exchange.as_deref_mut() {
+                ex.body_left_unfinished();
+            }
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BodyError;
