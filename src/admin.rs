@@ -215,7 +215,7 @@ fn upstream_families(e: &mut Exposition, upstreams: &[std::sync::Arc<Upstream>])
     e.family(
         "quadrige_gunicorn_worker_kills_total",
         "counter",
-        "Failures at about worker_timeout: Gunicorn killing a worker.",
+        "Gunicorn killing a worker: a failure at about worker_timeout, or Gunicorn's own 500 page.",
         each(&|u| u.metrics.worker_kills.get() as f64),
     );
     e.family(

@@ -495,6 +495,33 @@ async fn a_connection_dropped_at_the_worker_timeout_is_diagnosed_as_a_gunicorn_k
     );
 }
 
+/// Gunicorn's own error page, as its `util.write_error` writes it when a worker fails
+/// or is killed mid-request: no `Server` field, unlike every application response.
+const GUNICORN_OWN_500: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\
+Content-Type: text/html\r\nContent-Length: 141\r\n\r\n<html>\n  <head>\n    \
+<title>Internal Server Error</title>\n  </head>\n  <body>\n    \
+<h1><p>Internal Server Error</p></h1>\n    \n  </body>\n</html>\n";
+
+/// The application's own 500 under Gunicorn's sync workers, which close every connection.
+const APPLICATION_500: &[u8] = b"HTTP/1.1 500 INTERNAL SERVER ERROR\r\nServer: gunicorn\r\n\
+Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+
+#[tokio::test]
+async fn gunicorns_own_error_page_is_a_worker_kill_even_when_worker_timeout_is_wrong() {
+    // The shipped config's worker_timeout, in front of a stock Gunicorn that kills at 30 s.
+    let config = "[admin]\nlisten = \"127.0.0.1:0\"\n\
+                  [upstreams.gn]\naddress = \"{upstream}\"\nworker_timeout = \"60m\"\n";
+    for (answer, kills) in [(APPLICATION_500, 0), (GUNICORN_OWN_500, 1)] {
+        let upstream = raw_upstream(vec![Step::Write(answer)]).await;
+        let proxy = TestProxy::start(config, upstream.addr).await;
+        let response = get(proxy.addr, "/geonature/api/quadrige/program-extraction", "").await;
+        assert_eq!(response.status, 500, "passed on as the upstream sent it");
+        let metrics = get(proxy.admin_addr.unwrap(), "/metrics", "").await.text();
+        let expected = format!("quadrige_gunicorn_worker_kills_total{{upstream=\"gn\"}} {kills}\n");
+        assert!(metrics.contains(&expected), "{expected}: {metrics}");
+    }
+}
+
 #[tokio::test]
 async fn the_admin_listener_refuses_addresses_outside_its_allow_list() {
     let upstream = MockUpstream::new().start().await;

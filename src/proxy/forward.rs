@@ -107,7 +107,7 @@ impl Forward<'_> {
             }
             self.count_failure(&failure);
             slot.server_failed();
-            self.diagnose_worker_kill("dropped the connection without a response");
+            self.diagnose_worker_kill(WorkerFailure::Dropped);
             if !replayable {
                 return Err(failure);
             }
@@ -129,30 +129,60 @@ impl Forward<'_> {
 
     /// A failure close to Gunicorn's `--timeout` is, most likely, Gunicorn killing the
     /// worker: say so, with the value to raise.
-    pub fn diagnose_worker_kill(&self, what: &str) {
-        diagnose_worker_kill(self.upstream, self.started.elapsed(), what);
+    pub fn diagnose_worker_kill(&self, failure: WorkerFailure) {
+        diagnose_worker_kill(self.upstream, self.started.elapsed(), failure);
     }
 }
 
-/// Logs and counts a likely Gunicorn worker kill when `elapsed` is about the upstream's
-/// `worker_timeout`.
-pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, what: &str) {
-    let Some(worker_timeout) = upstream.worker_timeout else {
-        return;
+/// How an upstream failed the way Gunicorn fails when it kills a worker.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum WorkerFailure {
+    /// The connection dropped with no response.
+    Dropped,
+    /// `500` with `Connection: close`. `own_page`: without a `Server` field, which
+    /// every response of the application carries under Gunicorn and Gunicorn's own
+    /// error page (a worker that failed or was killed mid-request) does not.
+    Answered500 { own_page: bool },
+}
+
+/// Logs and counts a likely Gunicorn worker kill: a failure at about the upstream's
+/// `worker_timeout`, or Gunicorn's own error page whenever it comes (a stock GeoNature
+/// kills at 30 s, whatever the proxy's configuration says).
+pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, failure: WorkerFailure) {
+    let what = match failure {
+        WorkerFailure::Dropped => "dropped the connection without a response",
+        WorkerFailure::Answered500 { own_page: true } => {
+            "answered with Gunicorn's own error page (500, no Server field) and closed"
+        }
+        WorkerFailure::Answered500 { own_page: false } => "answered 500 and closed",
     };
-    let tolerance = (worker_timeout / 10).max(Duration::from_secs(2));
-    if elapsed + tolerance < worker_timeout || elapsed > worker_timeout + tolerance {
+    let at_worker_timeout = upstream.worker_timeout.filter(|&limit| {
+        let tolerance = (limit / 10).max(Duration::from_secs(2));
+        elapsed + tolerance >= limit && elapsed <= limit + tolerance
+    });
+    let own_page = matches!(failure, WorkerFailure::Answered500 { own_page: true });
+    if at_worker_timeout.is_none() && !own_page {
         return;
     }
     upstream.metrics.worker_kills.inc();
-    tracing::warn!(
-        upstream = %upstream.name,
-        ?elapsed,
-        ?worker_timeout,
-        "the upstream {what} after {elapsed:.1?}, about its worker_timeout of {worker_timeout:?}: \
-         Gunicorn most likely killed the worker at its --timeout; raise GUNICORN_TIMEOUT above \
-         this route's timers (and worker_timeout in the proxy config with it)"
-    );
+    match at_worker_timeout {
+        Some(worker_timeout) => tracing::warn!(
+            upstream = %upstream.name,
+            ?elapsed,
+            ?worker_timeout,
+            "the upstream {what} after {elapsed:.1?}, about its worker_timeout of {worker_timeout:?}: \
+             Gunicorn most likely killed the worker at its --timeout; raise GUNICORN_TIMEOUT above \
+             this route's timers (and worker_timeout in the proxy config with it)"
+        ),
+        None => tracing::warn!(
+            upstream = %upstream.name,
+            ?elapsed,
+            worker_timeout = ?upstream.worker_timeout,
+            "the upstream {what} after {elapsed:.1?}: its worker failed or was killed, most likely \
+             at Gunicorn's --timeout (GUNICORN_TIMEOUT, 30 s in a stock GeoNature); raise it above \
+             this route's timers and set worker_timeout in the proxy config to the same value"
+        ),
+    }
 }
 
 enum HeadError {

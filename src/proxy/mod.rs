@@ -443,10 +443,11 @@ fn respond(
     if head.status == http::StatusCode::INTERNAL_SERVER_ERROR && headers::wants_close(&head.headers)
     {
         // Gunicorn's answer when it kills a worker: 500 and Connection: close.
+        let own_page = !head.headers.contains_key(http::header::SERVER);
         forward::diagnose_worker_kill(
             upstream,
             exchange.started.elapsed(),
-            "answered 500 and closed",
+            forward::WorkerFailure::Answered500 { own_page },
         );
     }
     let public_origin = public
