@@ -579,6 +579,62 @@ async fn a_unix_socket_server_serves_like_a_tcp_one() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// A Gunicorn with one sync worker: its health check waits while a request is being
+/// served, and hangs for good once `hung` is set.
+async fn single_worker_upstream(hung: Arc<std::sync::atomic::AtomicBool>) -> RunningUpstream {
+    let busy = Arc::new(AtomicUsize::new(0));
+    let worker = busy.clone();
+    MockUpstream::new()
+        .route("/slow", move |_, _| {
+            let worker = worker.clone();
+            async move {
+                worker.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                worker.fetch_sub(1, Ordering::SeqCst);
+                text(StatusCode::OK, "exported")
+            }
+        })
+        .route("/health", move |_, _| {
+            let waits = busy.load(Ordering::SeqCst) > 0 || hung.load(Ordering::SeqCst);
+            async move {
+                if waits {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                text(StatusCode::OK, "ok")
+            }
+        })
+        .text("/fast", "fast")
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn a_health_check_that_times_out_behind_our_own_requests_does_not_take_the_server_out() {
+    let hung = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upstream = single_worker_upstream(hung.clone()).await;
+    let config = "[upstreams.gn]\naddress = \"{upstream}\"\n\
+                  health_check = { path = \"/health\", interval = \"100ms\", timeout = \"200ms\" }\n";
+    let proxy = TestProxy::start(config, upstream.addr).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let addr = proxy.addr;
+    let export = tokio::spawn(async move { get(addr, "/slow", "").await.status });
+    // Several checks time out behind the export meanwhile.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let during = get(proxy.addr, "/fast", "").await;
+    assert_eq!(during.status, 200, "{}", during.text());
+    assert_eq!(export.await.unwrap(), 200);
+
+    // With nothing of ours in flight, a check that times out does take it out.
+    hung.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let idle_hang = get(proxy.addr, "/fast", "Accept: application/json\r\n").await;
+    assert_eq!(idle_hang.status, 503, "{}", idle_hang.text());
+    assert_eq!(
+        json_str(&idle_hang.text(), "error").as_deref(),
+        Some("no_healthy_server")
+    );
+}
+
 #[tokio::test]
 async fn no_healthy_server_answers_503_at_once() {
     let sick = MockUpstream::new()

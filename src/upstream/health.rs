@@ -4,7 +4,8 @@
 //! Passive (only with several servers, as in nginx): `max_fails` failures — connection refused, connection dropped before a
 //! response, 502/503/504 from the server — within `fail_timeout` take the server out for
 //! `fail_timeout`; then it gets requests again on trial. Active: a failed check takes the
-//! server out until a check passes, whatever the passive state says.
+//! server out until a check passes, whatever the passive state says; a check that only
+//! timed out while the server had requests of ours in flight counts for nothing.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -86,9 +87,25 @@ pub fn spawn_checker(upstream: Weak<Upstream>, endpoint: Weak<Endpoint>, check: 
             let (Some(upstream), Some(endpoint)) = (upstream.upgrade(), endpoint.upgrade()) else {
                 return;
             };
-            let healthy = tokio::time::timeout(check.timeout, probe(&endpoint, &check.path))
+            let healthy = match tokio::time::timeout(check.timeout, probe(&endpoint, &check.path))
                 .await
-                .unwrap_or(false);
+            {
+                Ok(healthy) => healthy,
+                Err(_) if endpoint.in_flight.load(Ordering::Relaxed) > 0 => {
+                    // Gunicorn's sync workers take one request each: while ours keep them
+                    // all busy (a long export), the probe waits in its backlog. The server
+                    // is busy, not down; taking it out would turn every request away with
+                    // 503 instead of letting it wait for a worker. If it has hung, the
+                    // routes' timers end our requests and the next probe decides.
+                    tracing::debug!(
+                        upstream = %upstream.name,
+                        server = %endpoint.address,
+                        "health check timed out while requests of ours are in flight: inconclusive"
+                    );
+                    continue;
+                }
+                Err(_) => false,
+            };
             if endpoint.health.record_check(healthy) {
                 tracing::warn!(
                     upstream = %upstream.name,
