@@ -579,23 +579,39 @@ async fn a_unix_socket_server_serves_like_a_tcp_one() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// A Gunicorn with one sync worker: its health check waits while a request is being
-/// served, and hangs for good once `hung` is set.
-async fn single_worker_upstream(hung: Arc<std::sync::atomic::AtomicBool>) -> RunningUpstream {
+/// A Gunicorn with one sync worker: `/slow` holds it until `release` is notified, and
+/// its health check waits while it is held (counted in `checks_while_busy`) or for good
+/// once `hung` is set.
+struct SingleWorker {
+    upstream: RunningUpstream,
+    release: Arc<tokio::sync::Notify>,
+    checks_while_busy: Arc<AtomicUsize>,
+    hung: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn single_worker_upstream() -> SingleWorker {
     let busy = Arc::new(AtomicUsize::new(0));
-    let worker = busy.clone();
-    MockUpstream::new()
+    let release = Arc::new(tokio::sync::Notify::new());
+    let checks_while_busy = Arc::new(AtomicUsize::new(0));
+    let hung = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (worker, released) = (busy.clone(), release.clone());
+    let (counted, hangs) = (checks_while_busy.clone(), hung.clone());
+    let upstream = MockUpstream::new()
         .route("/slow", move |_, _| {
-            let worker = worker.clone();
+            let (worker, released) = (worker.clone(), released.clone());
             async move {
                 worker.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+                released.notified().await;
                 worker.fetch_sub(1, Ordering::SeqCst);
                 text(StatusCode::OK, "exported")
             }
         })
         .route("/health", move |_, _| {
-            let waits = busy.load(Ordering::SeqCst) > 0 || hung.load(Ordering::SeqCst);
+            let held = busy.load(Ordering::SeqCst) > 0;
+            if held {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            let waits = held || hangs.load(Ordering::SeqCst);
             async move {
                 if waits {
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -605,32 +621,52 @@ async fn single_worker_upstream(hung: Arc<std::sync::atomic::AtomicBool>) -> Run
         })
         .text("/fast", "fast")
         .start()
-        .await
+        .await;
+    SingleWorker {
+        upstream,
+        release,
+        checks_while_busy,
+        hung,
+    }
 }
 
 #[tokio::test]
 async fn a_health_check_that_times_out_behind_our_own_requests_does_not_take_the_server_out() {
-    let hung = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let upstream = single_worker_upstream(hung.clone()).await;
+    let worker = single_worker_upstream().await;
     let config = "[upstreams.gn]\naddress = \"{upstream}\"\n\
                   health_check = { path = \"/health\", interval = \"100ms\", timeout = \"200ms\" }\n";
-    let proxy = TestProxy::start(config, upstream.addr).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proxy = TestProxy::start(config, worker.upstream.addr).await;
     let addr = proxy.addr;
     let export = tokio::spawn(async move { get(addr, "/slow", "").await.status });
-    // Several checks time out behind the export meanwhile.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Checks run one after the other: a second one while the worker is held means the
+    // first timed out behind the export.
+    let checks = worker.checks_while_busy.clone();
+    eventually(
+        Duration::from_secs(10),
+        "two checks behind the export",
+        || checks.load(Ordering::SeqCst) >= 2,
+    )
+    .await;
     let during = get(proxy.addr, "/fast", "").await;
     assert_eq!(during.status, 200, "{}", during.text());
+    worker.release.notify_one();
     assert_eq!(export.await.unwrap(), 200);
 
     // With nothing of ours in flight, a check that times out does take it out.
-    hung.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let idle_hang = get(proxy.addr, "/fast", "Accept: application/json\r\n").await;
-    assert_eq!(idle_hang.status, 503, "{}", idle_hang.text());
+    worker.hung.store(true, Ordering::SeqCst);
+    let refused = within(Duration::from_secs(10), "the server taken out", async {
+        loop {
+            let response = get(proxy.addr, "/fast", "Accept: application/json\r\n").await;
+            if response.status == 503 {
+                return response;
+            }
+            assert_eq!(response.status, 200, "{}", response.text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     assert_eq!(
-        json_str(&idle_hang.text(), "error").as_deref(),
+        json_str(&refused.text(), "error").as_deref(),
         Some("no_healthy_server")
     );
 }

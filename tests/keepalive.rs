@@ -18,9 +18,7 @@ async fn proxy_with(extra_server: &str) -> (RunningUpstream, TestProxy) {
 
 /// An HTTPS proxy too, with a certificate made for the test (trusted by its clients).
 async fn tls_proxy(name: &str) -> (RunningUpstream, TestProxy, CertificateDer<'static>) {
-    let dir = std::env::temp_dir().join(format!("qp-keepalive-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir(&format!("keepalive-{name}"));
     let cert = write_certificate(&dir);
     let (upstream, proxy) = proxy_with_tls("", Some(&dir)).await;
     (upstream, proxy, cert)

@@ -107,7 +107,11 @@ impl Forward<'_> {
             }
             self.count_failure(&failure);
             slot.server_failed();
-            self.diagnose_worker_kill(WorkerFailure::Dropped);
+            diagnose_worker_kill(
+                self.upstream,
+                self.started.elapsed(),
+                WorkerFailure::Dropped,
+            );
             if !replayable {
                 return Err(failure);
             }
@@ -125,12 +129,6 @@ impl Forward<'_> {
             ProxyError::InvalidResponse(_) => m.invalid_response.inc(),
             _ => m.io_error.inc(),
         }
-    }
-
-    /// A failure close to Gunicorn's `--timeout` is, most likely, Gunicorn killing the
-    /// worker: say so, with the value to raise.
-    pub fn diagnose_worker_kill(&self, failure: WorkerFailure) {
-        diagnose_worker_kill(self.upstream, self.started.elapsed(), failure);
     }
 }
 
