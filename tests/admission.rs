@@ -495,13 +495,6 @@ async fn a_connection_dropped_at_the_worker_timeout_is_diagnosed_as_a_gunicorn_k
     );
 }
 
-/// Gunicorn's own error page, as its `util.write_error` writes it when a worker fails
-/// or is killed mid-request: no `Server` field, unlike every application response.
-const GUNICORN_OWN_500: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\
-Content-Type: text/html\r\nContent-Length: 141\r\n\r\n<html>\n  <head>\n    \
-<title>Internal Server Error</title>\n  </head>\n  <body>\n    \
-<h1><p>Internal Server Error</p></h1>\n    \n  </body>\n</html>\n";
-
 /// The application's own 500 under Gunicorn's sync workers, which close every connection.
 const APPLICATION_500: &[u8] = b"HTTP/1.1 500 INTERNAL SERVER ERROR\r\nServer: gunicorn\r\n\
 Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";

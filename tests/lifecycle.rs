@@ -384,3 +384,28 @@ async fn on_sigterm_the_binary_exits_after_shutdown_grace_even_with_a_stuck_requ
         String::from_utf8_lossy(&rest)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gunicorn_worker_is_explained_on_stderr_with_its_route_and_request_id() {
+    let upstream = raw_upstream(vec![Step::Write(GUNICORN_OWN_500)]).await;
+    let binary = RunningBinary::start("worker-kill", upstream.addr, "1s").await;
+    let response = get(
+        binary.addr,
+        "/geonature/api/exports",
+        "X-Request-ID: kill-42\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 500, "passed on as Gunicorn sent it");
+    let explained = |stderr: &str| {
+        stderr.lines().any(|line| {
+            line.contains("Gunicorn's own error page")
+                && line.contains("GUNICORN_TIMEOUT")
+                && line.contains("route=(defaults)")
+                && line.contains("request_id=\"kill-42\"")
+        })
+    };
+    eventually(Duration::from_secs(5), "the warning on stderr", || {
+        explained(&binary.stderr())
+    })
+    .await;
+}

@@ -16,6 +16,7 @@ use http_body::Body as _;
 use tokio::time::Instant;
 
 use super::{ProxyError, TimerKind};
+use crate::access_log::Exchange;
 use crate::body::{BodyError, RequestBody, UploadProgress};
 use crate::config::Timeouts;
 use crate::metrics::{Stage, Tracked};
@@ -28,7 +29,8 @@ use crate::upstream::{
 pub(super) struct Forward<'a> {
     pub upstream: &'a Arc<Upstream>,
     pub timeouts: Timeouts,
-    pub started: Instant,
+    /// The record being kept: when the exchange started, its route and request id.
+    pub exchange: &'a Exchange,
     pub tracked: &'a Tracked,
 }
 
@@ -48,7 +50,7 @@ impl Forward<'_> {
     ) -> Result<(Response<Framing>, PooledConnection, Slot), ProxyError> {
         let timers = HeadTimers {
             timeouts: self.timeouts,
-            total_deadline: self.timeouts.total.0.map(|t| self.started + t),
+            total_deadline: self.timeouts.total.0.map(|t| self.exchange.started + t),
             progress: request.body().progress(),
         };
         let servers = self.upstream.servers().len();
@@ -107,11 +109,7 @@ impl Forward<'_> {
             }
             self.count_failure(&failure);
             slot.server_failed();
-            diagnose_worker_kill(
-                self.upstream,
-                self.started.elapsed(),
-                WorkerFailure::Dropped,
-            );
+            diagnose_worker_kill(self.upstream, self.exchange, WorkerFailure::Dropped);
             if !replayable {
                 return Err(failure);
             }
@@ -146,7 +144,12 @@ pub(super) enum WorkerFailure {
 /// Logs and counts a likely Gunicorn worker kill: a failure at about the upstream's
 /// `worker_timeout`, or Gunicorn's own error page whenever it comes (a stock GeoNature
 /// kills at 30 s, whatever the proxy's configuration says).
-pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, failure: WorkerFailure) {
+pub(super) fn diagnose_worker_kill(
+    upstream: &Upstream,
+    exchange: &Exchange,
+    failure: WorkerFailure,
+) {
+    let elapsed = exchange.started.elapsed();
     let what = match failure {
         WorkerFailure::Dropped => "dropped the connection without a response",
         WorkerFailure::Answered500 { own_page: true } => {
@@ -165,7 +168,9 @@ pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, failu
     upstream.metrics.worker_kills.inc();
     match at_worker_timeout {
         Some(worker_timeout) => tracing::warn!(
+            route = %exchange.route,
             upstream = %upstream.name,
+            request_id = ?exchange.request_id,
             ?elapsed,
             ?worker_timeout,
             "the upstream {what} after {elapsed:.1?}, about its worker_timeout of {worker_timeout:?}: \
@@ -173,7 +178,9 @@ pub(super) fn diagnose_worker_kill(upstream: &Upstream, elapsed: Duration, failu
              this route's timers (and worker_timeout in the proxy config with it)"
         ),
         None => tracing::warn!(
+            route = %exchange.route,
             upstream = %upstream.name,
+            request_id = ?exchange.request_id,
             ?elapsed,
             worker_timeout = ?upstream.worker_timeout,
             "the upstream {what} after {elapsed:.1?}: its worker failed or was killed, most likely \

@@ -214,7 +214,7 @@ impl Proxy {
         let forward = forward::Forward {
             upstream,
             timeouts: route.settings.timeouts,
-            started: exchange.started,
+            exchange,
             tracked,
         };
         let (response, connection, slot) = forward.run(request, &extra).await?;
@@ -446,7 +446,7 @@ fn respond(
         let own_page = !head.headers.contains_key(http::header::SERVER);
         forward::diagnose_worker_kill(
             upstream,
-            exchange.started.elapsed(),
+            exchange,
             forward::WorkerFailure::Answered500 { own_page },
         );
     }

@@ -254,6 +254,13 @@ pub async fn drain_counted(body: Incoming, pause: Duration, seen: &Recorded) -> 
     (offset, intact)
 }
 
+/// Gunicorn's own error page, as its `util.write_error` writes it when a worker fails
+/// or is killed mid-request: no `Server` field, unlike every application response.
+pub const GUNICORN_OWN_500: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\
+Content-Type: text/html\r\nContent-Length: 141\r\n\r\n<html>\n  <head>\n    \
+<title>Internal Server Error</title>\n  </head>\n  <body>\n    \
+<h1><p>Internal Server Error</p></h1>\n    \n  </body>\n</html>\n";
+
 /// A deliberately broken upstream: for each connection it reads the request head, then
 /// plays `script` (raw bytes to write, pauses, or a close).
 #[derive(Clone)]
