@@ -495,20 +495,39 @@ async fn a_connection_dropped_at_the_worker_timeout_is_diagnosed_as_a_gunicorn_k
     );
 }
 
+/// An application's 500 under a server that adds no `Server` field: JSON, not Gunicorn's page.
+const JSON_500_WITHOUT_SERVER: &[u8] = b"HTTP/1.1 500 INTERNAL SERVER ERROR\r\n\
+Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+
 /// The application's own 500 under Gunicorn's sync workers, which close every connection.
 const APPLICATION_500: &[u8] = b"HTTP/1.1 500 INTERNAL SERVER ERROR\r\nServer: gunicorn\r\n\
 Connection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
 
 #[tokio::test]
-async fn gunicorns_own_error_page_is_a_worker_kill_even_when_worker_timeout_is_wrong() {
+async fn gunicorns_own_error_page_becomes_an_explained_502_and_a_worker_kill_whatever_worker_timeout_says(
+) {
     // The shipped config's worker_timeout, in front of a stock Gunicorn that kills at 30 s.
     let config = "[admin]\nlisten = \"127.0.0.1:0\"\n\
-                  [upstreams.gn]\naddress = \"{upstream}\"\nworker_timeout = \"60m\"\n";
-    for (answer, kills) in [(APPLICATION_500, 0), (GUNICORN_OWN_500, 1)] {
+                  [upstreams.gn]\naddress = \"{upstream}\"\nworker_timeout = \"60m\"\n\
+                  [[routes]]\nname = \"extraction\"\nmatch = { path_prefix = \"/geonature/api/quadrige\" }\n";
+    let cases = [
+        (APPLICATION_500, 500, None, 0),
+        (JSON_500_WITHOUT_SERVER, 500, None, 0),
+        (GUNICORN_OWN_500, 502, Some("upstream_worker_failed"), 1),
+    ];
+    for (answer, status, error, kills) in cases {
         let upstream = raw_upstream(vec![Step::Write(answer)]).await;
         let proxy = TestProxy::start(config, upstream.addr).await;
         let response = get(proxy.addr, "/geonature/api/quadrige/program-extraction", "").await;
-        assert_eq!(response.status, 500, "passed on as the upstream sent it");
+        let text = response.text();
+        assert_eq!(response.status, status, "{text}");
+        assert_eq!(json_str(&text, "error").as_deref(), error, "{text}");
+        if error.is_some() {
+            assert_eq!(json_str(&text, "route").as_deref(), Some("extraction"));
+            assert!(text.contains("GUNICORN_TIMEOUT"), "{text}");
+        } else {
+            assert_eq!(text, "{}", "the application's own 500 passes unchanged");
+        }
         let metrics = get(proxy.admin_addr.unwrap(), "/metrics", "").await.text();
         let expected = format!("quadrige_gunicorn_worker_kills_total{{upstream=\"gn\"}} {kills}\n");
         assert!(metrics.contains(&expected), "{expected}: {metrics}");

@@ -103,19 +103,9 @@ async fn an_upstream_that_answers_garbage_or_an_invalid_status_line_gets_a_502()
 }
 
 #[tokio::test]
-async fn gunicorns_own_500_page_passes_through_unchanged_and_the_next_request_uses_a_new_connection(
+async fn gunicorns_own_500_page_becomes_an_explained_502_and_the_next_request_uses_a_new_connection(
 ) {
-    // Exactly what gunicorn.util.write_error sends, then it closes the connection.
-    let page = "<html>\n  <head>\n    <title>Internal Server Error</title>\n  </head>\n  <body>\n    <h1><p>Internal Server Error</p></h1>\n    \n  </body>\n</html>\n";
-    let raw: &'static [u8] = Box::leak(
-        format!(
-            "HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{page}",
-            page.len()
-        )
-        .into_bytes()
-        .into_boxed_slice(),
-    );
-    let upstream = raw_upstream(vec![Step::Write(raw)]).await;
+    let upstream = raw_upstream(vec![Step::Write(GUNICORN_OWN_500)]).await;
     let proxy = TestProxy::start(CONFIG, upstream.addr).await;
     // Both requests on one client connection: the upstream's close is not the client's.
     let request = b"GET /geonature/api/synthese HTTP/1.1\r\nHost: proxy.test\r\n\r\n";
@@ -126,31 +116,17 @@ async fn gunicorns_own_500_page_passes_through_unchanged_and_the_next_request_us
         }
         let response = within(
             Duration::from_secs(5),
-            "the upstream's 500",
+            "the explained 502",
             read_response(&mut stream),
         )
         .await;
-        assert_eq!(
-            response.status,
-            500,
-            "attempt {attempt}: {}",
-            response.text()
-        );
-        assert!(response.complete);
-        assert_eq!(
-            response.text(),
-            page,
-            "attempt {attempt}: the page was changed"
-        );
-        assert_eq!(response.header("content-type"), Some("text/html"));
-        assert_eq!(
-            response.header("content-length"),
-            Some(page.len().to_string().as_str())
-        );
+        let body = assert_json_error(&response, 502, "upstream_worker_failed");
+        assert!(body.contains("GUNICORN_TIMEOUT"), "{body}");
+        assert!(!body.contains("<html>"), "Gunicorn's page leaked: {body}");
         assert_ne!(
             response.header("connection"),
             Some("close"),
-            "the upstream's hop-by-hop Connection header leaked to the client"
+            "the upstream's close is not the client's"
         );
         assert_eq!(
             upstream

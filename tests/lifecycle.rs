@@ -395,7 +395,7 @@ async fn a_killed_gunicorn_worker_is_explained_on_stderr_with_its_route_and_requ
         "X-Request-ID: kill-42\r\n",
     )
     .await;
-    assert_eq!(response.status, 500, "passed on as Gunicorn sent it");
+    assert_eq!(response.status, 502, "{}", response.text());
     let explained = |stderr: &str| {
         stderr.lines().any(|line| {
             line.contains("Gunicorn's own error page")

@@ -54,6 +54,8 @@ pub enum ProxyError {
     Timeout { timer: TimerKind, limit: Duration },
     #[error("the upstream closed the connection without sending a complete response head (a Gunicorn worker killed by its --timeout, or a crash, looks like this)")]
     UpstreamClosed,
+    #[error("the upstream's worker failed or was killed while handling the request, and Gunicorn answered with its own error page (500 Internal Server Error); Gunicorn kills a worker at its --timeout: if this request needs longer, raise GUNICORN_TIMEOUT above the route's timers")]
+    WorkerFailed,
     #[error("the upstream sent an invalid response: {0}")]
     InvalidResponse(String),
     #[error("the connection to the upstream failed: {0}")]
@@ -100,6 +102,7 @@ impl ProxyError {
             }
             ProxyError::Connect(_)
             | ProxyError::UpstreamClosed
+            | ProxyError::WorkerFailed
             | ProxyError::InvalidResponse(_)
             | ProxyError::UpstreamIo(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -138,6 +141,7 @@ impl ProxyError {
             ProxyError::Connect(_) => "upstream_connect_failed",
             ProxyError::Timeout { .. } => "upstream_timeout",
             ProxyError::UpstreamClosed => "upstream_closed",
+            ProxyError::WorkerFailed => "upstream_worker_failed",
             ProxyError::InvalidResponse(_) => "upstream_invalid_response",
             ProxyError::UpstreamIo(_) => "upstream_io_error",
             ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",

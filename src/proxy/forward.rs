@@ -135,10 +135,26 @@ impl Forward<'_> {
 pub(super) enum WorkerFailure {
     /// The connection dropped with no response.
     Dropped,
-    /// `500` with `Connection: close`. `own_page`: without a `Server` field, which
-    /// every response of the application carries under Gunicorn and Gunicorn's own
-    /// error page (a worker that failed or was killed mid-request) does not.
-    Answered500 { own_page: bool },
+    /// The application's `500` with `Connection: close`.
+    Answered500,
+    /// Gunicorn's own error page: see [`is_gunicorns_error_page`].
+    ErrorPage,
+}
+
+/// Whether `head` is the page Gunicorn writes itself when a worker fails or is killed
+/// mid-request: `500`, `Connection: close`, a small HTML body, and no `Server` field,
+/// which Gunicorn puts on every response of the application. Error pages of GeoNature
+/// itself are JSON, so they never match, under Gunicorn or any other server.
+pub(super) fn is_gunicorns_error_page(head: &Response<Framing>) -> bool {
+    let headers = head.headers();
+    let small_html = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"))
+        && matches!(head.body(), Framing::Length(n) if *n <= 1024);
+    head.status() == http::StatusCode::INTERNAL_SERVER_ERROR
+        && !headers.contains_key(header::SERVER)
+        && small_html
+        && super::headers::wants_close(headers)
 }
 
 /// Logs and counts a likely Gunicorn worker kill: a failure at about the upstream's
@@ -152,17 +168,17 @@ pub(super) fn diagnose_worker_kill(
     let elapsed = exchange.started.elapsed();
     let what = match failure {
         WorkerFailure::Dropped => "dropped the connection without a response",
-        WorkerFailure::Answered500 { own_page: true } => {
-            "answered with Gunicorn's own error page (500, no Server field) and closed"
+        WorkerFailure::ErrorPage => {
+            "answered with Gunicorn's own error page (500, no Server field)"
         }
-        WorkerFailure::Answered500 { own_page: false } => "answered 500 and closed",
+        WorkerFailure::Answered500 => "answered 500 and closed",
     };
     let at_worker_timeout = upstream.worker_timeout.filter(|&limit| {
         let tolerance = (limit / 10).max(Duration::from_secs(2));
         elapsed + tolerance >= limit && elapsed <= limit + tolerance
     });
-    let own_page = matches!(failure, WorkerFailure::Answered500 { own_page: true });
-    if at_worker_timeout.is_none() && !own_page {
+    let error_page = matches!(failure, WorkerFailure::ErrorPage);
+    if at_worker_timeout.is_none() && !error_page {
         return;
     }
     upstream.metrics.worker_kills.inc();

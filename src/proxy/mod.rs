@@ -219,6 +219,12 @@ impl Proxy {
         };
         let (response, connection, slot) = forward.run(request, &extra).await?;
         exchange.response_header_after = Some(exchange.started.elapsed());
+        if forward::is_gunicorns_error_page(&response) {
+            // Its bare page says nothing: the client gets the proxy's explanation instead,
+            // as when an older Gunicorn drops the connection of the worker it kills.
+            forward::diagnose_worker_kill(upstream, exchange, forward::WorkerFailure::ErrorPage);
+            return Err(ProxyError::WorkerFailed);
+        }
         let response = respond(
             response,
             connection,
@@ -442,13 +448,8 @@ fn respond(
     // The connection already knows from the head whether it may be reused.
     if head.status == http::StatusCode::INTERNAL_SERVER_ERROR && headers::wants_close(&head.headers)
     {
-        // Gunicorn's answer when it kills a worker: 500 and Connection: close.
-        let own_page = !head.headers.contains_key(http::header::SERVER);
-        forward::diagnose_worker_kill(
-            upstream,
-            exchange,
-            forward::WorkerFailure::Answered500 { own_page },
-        );
+        // An application's 500 at Gunicorn's --timeout may be its worker dying too.
+        forward::diagnose_worker_kill(upstream, exchange, forward::WorkerFailure::Answered500);
     }
     let public_origin = public
         .filter(|(_, host)| host.to_str().is_ok())
