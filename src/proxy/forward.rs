@@ -146,14 +146,15 @@ pub(super) enum WorkerFailure {
 /// which Gunicorn puts on every response of the application. Error pages of GeoNature
 /// itself are JSON, so they never match, under Gunicorn or any other server.
 pub(super) fn is_gunicorns_error_page(head: &Response<Framing>) -> bool {
+    if head.status() != http::StatusCode::INTERNAL_SERVER_ERROR {
+        return false;
+    }
     let headers = head.headers();
-    let small_html = headers
+    let html = headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"))
-        && matches!(head.body(), Framing::Length(n) if *n <= 1024);
-    head.status() == http::StatusCode::INTERNAL_SERVER_ERROR
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    html && matches!(head.body(), Framing::Length(n) if *n <= 1024)
         && !headers.contains_key(header::SERVER)
-        && small_html
         && super::headers::wants_close(headers)
 }
 
