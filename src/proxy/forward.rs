@@ -86,6 +86,14 @@ impl Forward<'_> {
                     if matches!(status, 502..=504) {
                         slot.server_failed();
                     }
+                    if let Some(failure) = WorkerFailure::answered(&response) {
+                        diagnose_worker_kill(self.upstream, self.exchange, failure);
+                        if let WorkerFailure::ErrorPage = failure {
+                            // Its bare page says nothing: the client gets the proxy's
+                            // explanation, as when an older Gunicorn drops the connection.
+                            return Err(ProxyError::WorkerFailed);
+                        }
+                    }
                     return Ok((response, connection, slot));
                 }
                 Err(HeadError::Failed(failure)) => return Err(failure),
@@ -132,40 +140,47 @@ impl Forward<'_> {
 
 /// How an upstream failed the way Gunicorn fails when it kills a worker.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum WorkerFailure {
+enum WorkerFailure {
     /// The connection dropped with no response.
     Dropped,
     /// The application's `500` with `Connection: close`.
     Answered500,
-    /// Gunicorn's own error page: see [`is_gunicorns_error_page`].
+    /// Gunicorn's own error page: see [`WorkerFailure::answered`].
     ErrorPage,
 }
 
-/// Whether `head` is the page Gunicorn writes itself when a worker fails or is killed
-/// mid-request: `500`, `Connection: close`, a small HTML body, and no `Server` field,
-/// which Gunicorn puts on every response of the application. Error pages of GeoNature
-/// itself are JSON, so they never match, under Gunicorn or any other server.
-pub(super) fn is_gunicorns_error_page(head: &Response<Framing>) -> bool {
-    if head.status() != http::StatusCode::INTERNAL_SERVER_ERROR {
-        return false;
+impl WorkerFailure {
+    /// Whether a response head looks like a failed worker, and how. Gunicorn's own error
+    /// page, written when a worker fails or is killed mid-request: `500`, `Connection:
+    /// close`, a small HTML body, and no `Server` field, which Gunicorn puts on every
+    /// response of the application (GeoNature's own error pages are JSON besides). Any
+    /// other `500` with `Connection: close` may be the application's worker dying at
+    /// Gunicorn's `--timeout`.
+    fn answered(head: &Response<Framing>) -> Option<WorkerFailure> {
+        let headers = head.headers();
+        if head.status() != http::StatusCode::INTERNAL_SERVER_ERROR
+            || !super::headers::wants_close(headers)
+        {
+            return None;
+        }
+        let html = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+        let error_page = html
+            && matches!(head.body(), Framing::Length(n) if *n <= 1024)
+            && !headers.contains_key(header::SERVER);
+        Some(if error_page {
+            WorkerFailure::ErrorPage
+        } else {
+            WorkerFailure::Answered500
+        })
     }
-    let headers = head.headers();
-    let html = headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
-    html && matches!(head.body(), Framing::Length(n) if *n <= 1024)
-        && !headers.contains_key(header::SERVER)
-        && super::headers::wants_close(headers)
 }
 
 /// Logs and counts a likely Gunicorn worker kill: a failure at about the upstream's
 /// `worker_timeout`, or Gunicorn's own error page whenever it comes (a stock GeoNature
 /// kills at 30 s, whatever the proxy's configuration says).
-pub(super) fn diagnose_worker_kill(
-    upstream: &Upstream,
-    exchange: &Exchange,
-    failure: WorkerFailure,
-) {
+fn diagnose_worker_kill(upstream: &Upstream, exchange: &Exchange, failure: WorkerFailure) {
     let elapsed = exchange.started.elapsed();
     let what = match failure {
         WorkerFailure::Dropped => "dropped the connection without a response",

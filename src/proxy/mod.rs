@@ -219,18 +219,11 @@ impl Proxy {
         };
         let (response, connection, slot) = forward.run(request, &extra).await?;
         exchange.response_header_after = Some(exchange.started.elapsed());
-        if forward::is_gunicorns_error_page(&response) {
-            // Its bare page says nothing: the client gets the proxy's explanation instead,
-            // as when an older Gunicorn drops the connection of the worker it kills.
-            forward::diagnose_worker_kill(upstream, exchange, forward::WorkerFailure::ErrorPage);
-            return Err(ProxyError::WorkerFailed);
-        }
         let response = respond(
             response,
             connection,
             route.settings.timeouts,
             exchange,
-            upstream,
             public_host.as_ref().map(|host| (client.scheme, host)),
         );
         let response = response.map(|body| body.hold(Box::new((held, slot))));
@@ -441,16 +434,9 @@ fn respond(
     connection: PooledConnection,
     timeouts: Timeouts,
     exchange: &Exchange,
-    upstream: &Upstream,
     public: Option<(&str, &HeaderValue)>,
 ) -> Response<ResponseBody> {
     let (mut head, framing) = response.into_parts();
-    // The connection already knows from the head whether it may be reused.
-    if head.status == http::StatusCode::INTERNAL_SERVER_ERROR && headers::wants_close(&head.headers)
-    {
-        // An application's 500 at Gunicorn's --timeout may be its worker dying too.
-        forward::diagnose_worker_kill(upstream, exchange, forward::WorkerFailure::Answered500);
-    }
     let public_origin = public
         .filter(|(_, host)| host.to_str().is_ok())
         .map(|(scheme, host)| [scheme.as_bytes(), b"://", host.as_bytes()]);
