@@ -3,12 +3,15 @@
 //! `Config::parse` and the binary's `check`, and its route table must send a list of
 //! sample URLs where Apache sent them.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use http::Method;
 use quadrige_proxy::config::{Config, Serve};
 use quadrige_proxy::route::{RouteTable, Selection};
+use support::temp_dir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_quadrige-proxy");
 const BASE: &str = "/home/geonatureadmin/geonature";
@@ -17,13 +20,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/apache")
         .join(name)
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qp-import-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 struct Imported {
